@@ -1,0 +1,156 @@
+"""Metrics of a model before and after unlearning (all in percent).
+
+    outs = evaluate(model, ds, split, compute)   # per-sample loss, prediction, confidence
+    m = report(outs)                              # UA, RA, TA, VA, MIA-efficacy, loss-MIA
+
+`evaluate` is the only evaluation loop in the toolkit: one pass over the training set
+and one over the test set, cut into splits afterwards. Everything after it is a pure
+function over per-sample CPU tensors.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datasets import batches
+
+SPLITS = ("train", "retain", "forget", "val", "test", "test_forgotten")
+
+
+@torch.no_grad()
+def predict(model, ds, idx, compute, test=False, batch_size=1024):
+    """Per-sample loss, prediction, true-class confidence and top-5 hit over idx."""
+    model.eval()
+    parts = []
+    for x, y, _ in batches(ds, idx, batch_size, test=test, channels_last=compute.channels_last):
+        with compute.autocast():
+            logits = model(x).float()
+        prob = logits.softmax(1)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        parts.append(torch.stack([
+            F.cross_entropy(logits, y, reduction="none"),
+            logits.argmax(1).float(),
+            prob.gather(1, y[:, None]).squeeze(1),
+            (top5 == y[:, None]).any(1).float(),
+            y.float(),
+        ]))
+    stacked = torch.cat(parts, dim=1).cpu() if parts else torch.zeros(5, 0)
+    loss, pred, conf, top5, y = stacked
+    return {"loss": loss, "pred": pred.long(), "conf": conf, "top5": top5.bool(), "y": y.long()}
+
+
+def take(out, idx):
+    return {k: v[idx] for k, v in out.items()}
+
+
+def evaluate(model, ds, split, compute, batch_size=1024):
+    """Per-sample outputs for every split, from one pass over train and one over test.
+
+    For class forgetting, `test` holds the remaining classes and `test_forgotten` the
+    forgotten class's test samples.
+    """
+    train = predict(model, ds, torch.arange(len(ds.y_train), device=ds.device), compute,
+                    batch_size=batch_size)
+    test = predict(model, ds, torch.arange(len(ds.y_test), device=ds.device), compute, test=True,
+                   batch_size=batch_size)
+    outs = {name: take(train, getattr(split, name).cpu()) for name in ("retain", "forget", "val")}
+    outs["train"] = take(train, split.train.cpu())
+    outs["test"] = test
+    if split.forget_class is not None:
+        forgotten = test["y"] == split.forget_class
+        outs["test"], outs["test_forgotten"] = take(test, ~forgotten), take(test, forgotten)
+    return outs
+
+
+# ---------------------------------------------------------------- pure metrics
+
+def accuracy(out):
+    """Top-1 accuracy in percent; NaN for an empty split."""
+    if len(out["y"]) == 0:
+        return float("nan")
+    return 100.0 * (out["pred"] == out["y"]).float().mean().item()
+
+
+def top5_accuracy(out):
+    return 100.0 * out["top5"].float().mean().item() if len(out["y"]) else float("nan")
+
+
+def mean_loss(out):
+    return out["loss"].mean().item() if len(out["y"]) else float("nan")
+
+
+def mia_efficacy(conf_retain, conf_test, conf_forget):
+    """SalUn's MIA-efficacy: % of forget samples an RBF SVC calls non-members.
+
+    The SVC (C=3, gamma="auto") learns from the true-class confidence of the first
+    |test| retain samples (members, 1) and of the test samples (non-members, 0).
+    """
+    if len(conf_forget) == 0 or len(conf_test) == 0:
+        return float("nan")
+    from sklearn.svm import SVC
+    members = conf_retain[:len(conf_test)]
+    x = torch.cat([members, conf_test]).numpy().reshape(-1, 1)
+    y = np.r_[np.ones(len(members)), np.zeros(len(conf_test))]
+    clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+    return 100.0 * float((clf.predict(conf_forget.numpy().reshape(-1, 1)) == 0).mean())
+
+
+def auc(scores_pos, scores_neg):
+    """Area under the ROC curve: P(positive scores above negative), ties counting half."""
+    from sklearn.metrics import roc_auc_score
+    y = np.r_[np.ones(len(scores_pos)), np.zeros(len(scores_neg))]
+    return float(roc_auc_score(y, np.r_[np.asarray(scores_pos), np.asarray(scores_neg)]))
+
+
+def loss_mia(loss_retain, loss_val, loss_forget, loss_test, seed=0):
+    """The DeepDive attack: a random forest on per-sample losses.
+
+    Trained on retain (members, 1) against validation (non-members, 0), with as many
+    retain samples as validation ones, then scored on forget (1) against test (0).
+    Returns (AUC in percent, % of forget samples predicted non-members).
+    """
+    if min(len(loss_val), len(loss_forget), len(loss_test), len(loss_retain)) == 0:
+        return float("nan"), float("nan")
+    from sklearn.ensemble import RandomForestClassifier
+    rng = np.random.default_rng(seed)
+    members = loss_retain.numpy()[rng.permutation(len(loss_retain))[:len(loss_val)]]
+    x = np.r_[members, loss_val.numpy()].reshape(-1, 1)
+    y = np.r_[np.ones(len(members)), np.zeros(len(loss_val))]
+    clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=seed, n_jobs=1).fit(x, y)
+    p_forget = clf.predict_proba(loss_forget.numpy().reshape(-1, 1))[:, 1]
+    p_test = clf.predict_proba(loss_test.numpy().reshape(-1, 1))[:, 1]
+    return 100.0 * auc(p_forget, p_test), 100.0 * float((p_forget < 0.5).mean())
+
+
+def report(outs, mia=True, seed=0):
+    """The headline numbers of one model on one split."""
+    m = {"UA": 100.0 - accuracy(outs["forget"]), "RA": accuracy(outs["retain"]),
+         "TA": accuracy(outs["test"]), "VA": accuracy(outs["val"])}
+    if "test_forgotten" in outs:
+        m["TA_forgotten"] = accuracy(outs["test_forgotten"])
+    if mia:
+        m["MIA"] = mia_efficacy(outs["retain"]["conf"], outs["test"]["conf"], outs["forget"]["conf"])
+        m["loss_MIA_AUC"], m["loss_MIA_forget"] = loss_mia(
+            outs["retain"]["loss"], outs["val"]["loss"], outs["forget"]["loss"], outs["test"]["loss"], seed)
+    return m
+
+
+def split_table(outs):
+    """Accuracy and mean loss per split, as base_test.py prints them."""
+    return {name: {"n": len(outs[name]["y"]), "acc": accuracy(outs[name]), "loss": mean_loss(outs[name])}
+            for name in SPLITS if name in outs}
+
+
+GAP_KEYS = ("UA", "RA", "TA", "MIA")
+
+
+def gap(m, gold):
+    """|metric - gold standard's| for UA, RA, TA and MIA, and their mean (Avg. Gap)."""
+    g = {f"{k}_gap": abs(m[k] - gold[k]) for k in GAP_KEYS}
+    g["avg_gap"] = sum(g.values()) / len(GAP_KEYS)
+    return g
+
+
+def is_finite(x):
+    return x is not None and not (isinstance(x, float) and (math.isnan(x) or math.isinf(x)))

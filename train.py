@@ -1,0 +1,152 @@
+"""Train a base model, or a gold-standard model retrained without a forget set.
+
+    python train.py                                              # resnet18 on cifar10
+    python train.py --model resnet18 --dataset cifar100 --cf 7   # without class 7
+    python train.py --dataset svhn --unlr 0.1                    # without a random 10%
+    python train.py --dataset svhn --itf checkpoints/resnet18_svhn_rf0.1_forget.json
+    python train.py --dataset digits --epochs 15 -NL             # seconds, offline
+
+Writes <save-dir>/<model>_<dataset>_<comment>.pt (the best epoch on validation) and
+<model>_<dataset>_<comment>_forget.json (the sorted forgotten training indices).
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import datasets
+import metrics
+from datasets import ForgetSpec
+from methods import make_optimizer, sgd_pass, cross_entropy, Run
+from utils import (Logger, UserError, atomic_write_text, cli, compute_for, create_model,
+                   check_model_name, get_device, make_generator, save_checkpoint, seed_everything)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a base or gold-standard (retrained) model.")
+    p.add_argument("--model", default="resnet18", help="any timm model name")
+    p.add_argument("--dataset", default="cifar10", help=", ".join(datasets.DATASETS))
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of SGD")
+    p.add_argument("--cf", type=int, default=None, help="class to leave out of training")
+    p.add_argument("--unlr", type=float, default=0.0, help="fraction of the training set to leave out")
+    p.add_argument("--itf", default=None, help="forget-index JSON: leave exactly these samples out")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, the split and the batches")
+    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
+    p.add_argument("--save-dir", default="checkpoints")
+    p.add_argument("--comment", default=None, help="name suffix (default: base, cf<c>, rf<r> or itf_<file>)")
+    p.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
+    return p.parse_args(argv)
+
+
+def forget_spec(args):
+    spec = ForgetSpec(class_to_forget=args.cf, unlearning_rate=args.unlr or None, idxs_to_forget=args.itf)
+    problems = spec.problems()
+    if args.unlr and not 0 < args.unlr < 1:
+        problems = [f"--unlr {args.unlr} outside (0, 1)"]
+    if problems:
+        raise UserError("; ".join(problems).replace("class_to_forget", "--cf")
+                        .replace("unlearning_rate", "--unlr").replace("idxs_to_forget", "--itf"))
+    return spec
+
+
+def default_comment(spec):
+    if spec.class_to_forget is not None:
+        return f"cf{spec.class_to_forget}"
+    if spec.unlearning_rate is not None:
+        return f"rf{spec.unlearning_rate:g}"
+    if spec.idxs_to_forget is not None:
+        return "itf_" + Path(spec.idxs_to_forget).stem.removesuffix("_forget")
+    return "base"
+
+
+def check_args(args):
+    """Everything that can be wrong with the command line, before any data is read."""
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise UserError("--epochs, --batch-size and --lr must be positive")
+    datasets.check_dataset_name(args.dataset)
+    check_model_name(args.model)
+    spec = forget_spec(args)
+    name = f"{args.model}_{args.dataset}_{args.comment or default_comment(spec)}"
+    path = Path(args.save_dir) / f"{name}.pt"
+    if path.exists() and not args.overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --comment")
+    return spec, name, path
+
+
+def train(args, spec, name, path):
+    device = get_device(args.device)
+    compute = compute_for(device)
+    ds = datasets.load_dataset(args.dataset, args.data_dir, device)
+    num_classes = ds.num_classes
+    if spec.problems(num_classes):
+        raise UserError("; ".join(spec.problems(num_classes)))
+    split = datasets.make_split(ds, spec, seed=args.seed)
+
+    seed_everything(args.seed)
+    model, stem = create_model(args.model, num_classes, ds.in_chans, ds.img_size, args.pretrained)
+    model = model.to(device, memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
+    run = Run(ds, split, args.batch_size, make_generator(args.seed, device), compute)
+    train_idx = split.retain  # everything but the forget set and the held-out validation set
+    opt = make_optimizer(model, args.lr)
+    steps = args.epochs * math.ceil(len(train_idx) / args.batch_size)
+    # One cycle: a short warm-up then cosine decay, which fits any epoch budget.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15,
+                                                cycle_momentum=False)
+    config = {"model": args.model, "dataset": args.dataset, "num_classes": num_classes,
+              "in_chans": ds.in_chans, "img_size": ds.img_size, "stem": stem, "seed": args.seed,
+              "pretrained": args.pretrained, "lr": args.lr, "epochs": args.epochs,
+              "batch_size": args.batch_size, "forget": spec.to_config(),
+              "forget_idx": split.forget.tolist(), "val_idx": split.val.tolist(), "method": "train"}
+    logger = Logger(not args.no_log, "salun-deepdive", name, config)
+
+    best_acc, best_state, best_epoch = -1.0, None, 0
+    bar = tqdm(range(1, args.epochs + 1), desc=name, unit="epoch")
+    for epoch in bar:
+        loss = sgd_pass(model, opt, run, train_idx, cross_entropy, sched=sched).item()
+        if not torch.isfinite(torch.tensor(loss)):
+            raise UserError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
+        val_acc = metrics.accuracy(metrics.predict(model, ds, split.val, compute))
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_acc:.1f}")
+        logger.log({"train/loss": loss, "val/acc": val_acc, "lr": sched.get_last_lr()[0]}, step=epoch)
+
+    model.load_state_dict(best_state)
+    outs = metrics.evaluate(model, ds, split, compute)
+    result = {"best_epoch": best_epoch, "val_acc": best_acc, "test_top1": metrics.accuracy(outs["test"]),
+              "test_top5": metrics.top5_accuracy(outs["test"])}
+    if "test_forgotten" in outs:
+        result["test_forgotten_acc"] = metrics.accuracy(outs["test_forgotten"])
+    config["metrics"] = result
+    save_checkpoint(path, model.state_dict(), config)
+    atomic_write_text(path.with_name(f"{name}_forget.json"), json.dumps(split.forget.tolist()))
+    logger.log({f"final/{k}": v for k, v in result.items()})
+    logger.finish()
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    spec, name, path = check_args(args)
+    start = time.time()
+    r = train(args, spec, name, path)
+    what = "test (remaining classes)" if args.cf is not None else "test"
+    line = f"{name}: {what} top-1 {r['test_top1']:.2f}% top-5 {r['test_top5']:.2f}%"
+    if "test_forgotten_acc" in r:
+        line += f", class {args.cf} test {r['test_forgotten_acc']:.2f}%"
+    print(f"{line}; val {r['val_acc']:.2f}% (epoch {r['best_epoch']}); "
+          f"{time.time() - start:.0f}s; saved {path}")
+
+
+if __name__ == "__main__":
+    cli(main)
