@@ -228,17 +228,18 @@ class ForgetSpec:
     idxs_to_forget: str = None
 
     def problems(self, num_classes=None):
+        """(key, message) for everything wrong with the spec; empty when it is usable."""
         given = [k for k, v in self.to_config().items() if v is not None]
         out = []
         if len(given) > 1:
-            out.append(f"give exactly one forget spec, got {', '.join(given)}")
+            out.append(("forget spec", f"give exactly one forget spec, got {', '.join(given)}"))
         c, r = self.class_to_forget, self.unlearning_rate
         if c is not None and num_classes is not None and not 0 <= c < num_classes:
-            out.append(f"class_to_forget {c} out of range 0..{num_classes - 1}")
+            out.append(("class_to_forget", f"class {c} out of range 0..{num_classes - 1}"))
         if r is not None and not 0 < r < 1:
-            out.append(f"unlearning_rate {r} outside (0, 1)")
+            out.append(("unlearning_rate", f"{r} outside (0, 1)"))
         if self.idxs_to_forget is not None and not Path(self.idxs_to_forget).is_file():
-            out.append(f"idxs_to_forget file {self.idxs_to_forget} not found")
+            out.append(("idxs_to_forget", f"index file {self.idxs_to_forget} not found"))
         return out
 
     @property
@@ -316,14 +317,15 @@ class Split:
         return self
 
 
-def make_split(ds, spec, seed=0, val_idx=None, val_fraction=VAL_FRACTION):
+def make_split(ds, spec, seed=0, val_idx=None, forget_idx=None, val_fraction=VAL_FRACTION):
     """forget from the spec; val drawn (seeded) from the rest unless given; retain = the remainder.
 
-    `val_idx` comes from a checkpoint, so every script uses that model's own held-out
-    samples; any of them in the forget set stays a forget sample.
+    `val_idx` (and `forget_idx`) come from a checkpoint, so every script uses that
+    model's own held-out samples; any of them in the forget set stays a forget sample.
     """
     n = len(ds.y_train)
-    forget = forget_indices(spec, ds.y_train, seed)
+    forget = (forget_indices(spec, ds.y_train, seed) if forget_idx is None
+              else torch.as_tensor(forget_idx, dtype=torch.long))
     is_forget = torch.zeros(n, dtype=torch.bool)
     is_forget[forget] = True
     if val_idx is None:

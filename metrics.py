@@ -47,8 +47,8 @@ def take(out, idx):
 def evaluate(model, ds, split, compute, batch_size=1024):
     """Per-sample outputs for every split, from one pass over train and one over test.
 
-    For class forgetting, `test` holds the remaining classes and `test_forgotten` the
-    forgotten class's test samples.
+    For class forgetting, `test` holds the remaining classes, `test_forgotten` the
+    forgotten class's test samples and `test_all` both.
     """
     train = predict(model, ds, torch.arange(len(ds.y_train), device=ds.device), compute,
                     batch_size=batch_size)
@@ -60,6 +60,7 @@ def evaluate(model, ds, split, compute, batch_size=1024):
     if split.forget_class is not None:
         forgotten = test["y"] == split.forget_class
         outs["test"], outs["test_forgotten"] = take(test, ~forgotten), take(test, forgotten)
+        outs["test_all"] = test
     return outs
 
 
@@ -130,9 +131,12 @@ def report(outs, mia=True, seed=0):
     if "test_forgotten" in outs:
         m["TA_forgotten"] = accuracy(outs["test_forgotten"])
     if mia:
-        m["MIA"] = mia_efficacy(outs["retain"]["conf"], outs["test"]["conf"], outs["forget"]["conf"])
+        # The attacks see every test sample as a non-member, the forgotten class's included:
+        # that is what a model that never saw the class looks like on it.
+        test = outs.get("test_all", outs["test"])
+        m["MIA"] = mia_efficacy(outs["retain"]["conf"], test["conf"], outs["forget"]["conf"])
         m["loss_MIA_AUC"], m["loss_MIA_forget"] = loss_mia(
-            outs["retain"]["loss"], outs["val"]["loss"], outs["forget"]["loss"], outs["test"]["loss"], seed)
+            outs["retain"]["loss"], outs["val"]["loss"], outs["forget"]["loss"], test["loss"], seed)
     return m
 
 

@@ -47,14 +47,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def forget_spec(args):
+FLAGS = {"class_to_forget": "--cf", "unlearning_rate": "--unlr", "idxs_to_forget": "--itf"}
+
+
+def forget_spec(args, num_classes=None):
     spec = ForgetSpec(class_to_forget=args.cf, unlearning_rate=args.unlr or None, idxs_to_forget=args.itf)
-    problems = spec.problems()
-    if args.unlr and not 0 < args.unlr < 1:
-        problems = [f"--unlr {args.unlr} outside (0, 1)"]
+    problems = spec.problems(num_classes)
     if problems:
-        raise UserError("; ".join(problems).replace("class_to_forget", "--cf")
-                        .replace("unlearning_rate", "--unlr").replace("idxs_to_forget", "--itf"))
+        raise UserError("\n".join(f"{FLAGS.get(key, key)}: {msg}" for key, msg in problems))
     return spec
 
 
@@ -87,8 +87,7 @@ def train(args, spec, name, path):
     compute = compute_for(device)
     ds = datasets.load_dataset(args.dataset, args.data_dir, device)
     num_classes = ds.num_classes
-    if spec.problems(num_classes):
-        raise UserError("; ".join(spec.problems(num_classes)))
+    forget_spec(args, num_classes)
     split = datasets.make_split(ds, spec, seed=args.seed)
 
     seed_everything(args.seed)
@@ -102,7 +101,7 @@ def train(args, spec, name, path):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15,
                                                 cycle_momentum=False)
     config = {"model": args.model, "dataset": args.dataset, "num_classes": num_classes,
-              "in_chans": ds.in_chans, "img_size": ds.img_size, "stem": stem, "seed": args.seed,
+              "in_chans": ds.in_chans, "img_size": ds.img_size, "n_train": len(ds.y_train), "stem": stem, "seed": args.seed,
               "pretrained": args.pretrained, "lr": args.lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "forget": spec.to_config(),
               "forget_idx": split.forget.tolist(), "val_idx": split.val.tolist(), "method": "train"}

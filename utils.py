@@ -27,7 +27,8 @@ def cli(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # one line per problem
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -134,15 +135,24 @@ def create_model(name, num_classes, in_chans, img_size, pretrained=False):
                             f"({reason}); train without --pretrained") from None
     else:
         model = _build(name, False, num_classes, in_chans, img_size)
-    return model, adapt_to_small_images(model, img_size)
+    stem = adapt_to_small_images(model, img_size)
+    try:  # a family whose downsampling outruns a small image fails here, not mid-training
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, in_chans, img_size, img_size))
+    except RuntimeError as e:
+        raise UserError(f"model {name} cannot take {img_size}x{img_size} images "
+                        f"({str(e).splitlines()[0][:100]}); try a ResNet or ViT") from None
+    return model.train(), stem
 
 
 def _build(name, pretrained, num_classes, in_chans, img_size):
     import timm
     kwargs = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
     if img_size <= 64:
-        try:  # ViT-like models take the image size, and a patch that divides it
-            return timm.create_model(name, img_size=img_size, patch_size=max(1, img_size // 8), **kwargs)
+        # ViT-like models take the image size, and a patch that divides it into >= 7x7 tokens
+        patch = max(d for d in range(1, img_size + 1) if img_size % d == 0 and d <= max(1, img_size // 7))
+        try:
+            return timm.create_model(name, img_size=img_size, patch_size=patch, **kwargs)
         except TypeError:  # the family has no such arguments (e.g. ResNets)
             pass
     return timm.create_model(name, **kwargs)
@@ -152,9 +162,11 @@ def adapt_to_small_images(model, img_size):
     """Keep a small image from being shrunk to nothing by an ImageNet stem.
 
     Rule: for images <= 64 px, a ResNet-like model (a `conv1` and a `maxpool`) gets a
-    3x3 stride-1 first conv and no max-pool, as in the CIFAR literature. ViT-like
-    models were already built for the image size (img_size, patch_size = size/8).
-    Other families are used as timm builds them. Returns what was done, for the config.
+    3x3 stride-1 first conv and no max-pool, as in the CIFAR literature (a deep stem
+    keeps its 3x3 convs with the first stride set to 1). ViT-like
+    models were already built for the image size (img_size, a patch giving >= 7x7 tokens).
+    Other families are used as timm builds them; create_model rejects one that cannot
+    take the image size. Returns what was done, for the config.
     """
     if img_size > 64:
         return "none"
@@ -163,6 +175,12 @@ def adapt_to_small_images(model, img_size):
         model.conv1 = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
         model.maxpool = torch.nn.Identity()
         return "resnet_3x3"
+    if isinstance(conv, torch.nn.Sequential) and hasattr(model, "maxpool"):
+        # deep stems (resnet-d, -t): already 3x3 convs; the first one just stops striding
+        first = next(m for m in conv if isinstance(m, torch.nn.Conv2d))
+        first.stride = (1, 1)
+        model.maxpool = torch.nn.Identity()
+        return "resnet_deep_stride1"
     if hasattr(model, "patch_embed"):
         return "vit_img_size"
     return "none"

@@ -1,0 +1,35 @@
+# Two commands from a fresh clone:
+#   make test   set up .venv if needed, then run the whole test suite
+#   make demo   set up .venv if needed, then the whole study on scikit-learn's digits
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CKPT := checkpoints
+BASE := $(CKPT)/resnet18_digits_base.pt
+GOLD := $(CKPT)/resnet18_digits_cf0.pt
+
+.PHONY: setup test demo clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+$(BASE): | $(STAMP)
+	$(PY) train.py --dataset digits --epochs 15 --batch-size 64 --lr 0.1 -NL
+
+$(GOLD): | $(STAMP)
+	$(PY) train.py --dataset digits --epochs 15 --batch-size 64 --lr 0.1 --cf 0 -NL
+
+demo: $(BASE) $(GOLD)
+	$(PY) base_test.py -c $(BASE) $(GOLD) --no-mia --out output/demo_models.json
+	$(PY) main.py -L exp/demo.json --nexp 3 -NL
+
+clean-demo:
+	rm -f $(BASE) $(GOLD) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json)

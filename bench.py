@@ -1,0 +1,535 @@
+"""Speed of our pipeline against the way the original toolkit did the same work.
+
+    python bench.py --quick --json bench.json     # < 3 min on 2 CPU cores
+    python bench.py --json bench.json             # full sizes, ~10 min on 2 CPU cores
+    python bench.py --device cuda --json bench.json
+    python bench.py --quick --rows mask_speedup,wasserstein_speedup
+    python bench.py --smoke --json /tmp/b.json    # tiny sizes: tests the code paths, not the speed
+
+Each row builds ours and a reference for the same work in this one process, warms
+both up, then times them in turn for a few repeats (the order swapped every repeat,
+so drift and other load on the machine hit both alike) and reports the median of
+the per-repeat ratios. `ours`/`reference` in the table and `ours_s`/`reference_s`
+in the JSON are the median seconds one repeat of the work took (the size column
+says what one repeat is). Speedups are reference/ours (higher is better); overhead
+and RTE ratios are ours/reference (lower is better).
+
+The JSON holds one key per row: ours_s, reference_s, ratio, goal, direction
+(">=" or "<="), met, size, note, mode and device. A row that cannot run (say a
+missing module) gets an `error` instead, and the script exits with status 1.
+"""
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NUM_CLASSES = 10
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# What one repeat of each row is, per mode. "smoke" only exercises the code.
+SIZES = {
+    "full": {
+        "seed_pipeline_speedup": dict(batch=128, batches=1, repeats=3),
+        "data_path_speedup": dict(images=50_000, batch=128, repeats=5),
+        "data_overhead": dict(batch=128, batches=2, repeats=3),
+        "mask_speedup": dict(forget=128, repeats=5),
+        "wasserstein_speedup": dict(points=500, dims=512, repeats=2),
+        "tsne_speedup": dict(points=3000, dims=512, repeats=1),
+        "rte_ratio": dict(train=None, repeats=3),
+    },
+    "quick": {
+        "seed_pipeline_speedup": dict(batch=32, batches=1, repeats=3),
+        "data_path_speedup": dict(images=10_000, batch=128, repeats=3),
+        "data_overhead": dict(batch=32, batches=2, repeats=3),
+        "mask_speedup": dict(forget=32, repeats=3),
+        "wasserstein_speedup": dict(points=200, dims=512, repeats=3),
+        "tsne_speedup": dict(points=500, dims=512, repeats=1),
+        "rte_ratio": dict(train=None, repeats=2),
+    },
+    "smoke": {
+        "seed_pipeline_speedup": dict(batch=4, batches=1, repeats=1),
+        "data_path_speedup": dict(images=256, batch=64, repeats=1),
+        "data_overhead": dict(batch=4, batches=2, repeats=1),
+        "mask_speedup": dict(forget=4, repeats=1),
+        "wasserstein_speedup": dict(points=30, dims=16, repeats=1),
+        "tsne_speedup": dict(points=60, dims=16, repeats=1),
+        "rte_ratio": dict(train=160, repeats=1),
+    },
+}
+
+
+@dataclass
+class Result:
+    ours_s: float
+    reference_s: float
+    ratio: float
+    size: str
+    note: str = ""
+
+
+# ---------------------------------------------------------------- timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """Seconds fn() takes, the device's queue drained before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(ours, ref, repeats, device, warmup=None):
+    """[(ours seconds, reference seconds)] per repeat, after a warm-up of both
+    (`warmup`, or one untimed call of each)."""
+    if warmup is None:
+        ours(), ref()
+    else:
+        warmup()
+    sync(device)
+    pairs = []
+    for r in range(repeats):
+        t = {}
+        for name in (("ours", "ref") if r % 2 == 0 else ("ref", "ours")):
+            t[name] = timed(ours if name == "ours" else ref, device)
+        pairs.append((t["ours"], t["ref"]))
+    return pairs
+
+
+def summarize(pairs, size, speedup=True, note=""):
+    ratios = [r / o if speedup else o / r for o, r in pairs]
+    return Result(statistics.median(o for o, _ in pairs), statistics.median(r for _, r in pairs),
+                  statistics.median(ratios), size, note)
+
+
+# ---------------------------------------------------------------- shared set-up
+
+def synthetic_cifar(n, device, seed=0):
+    """n random CIFAR-shaped uint8 images (3x32x32, 10 classes), augmented as CIFAR is."""
+    from datasets import Dataset
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return Dataset("synthetic", x, y, x[:2].clone(), y[:2].clone(), [str(c) for c in range(NUM_CLASSES)],
+                   flip=True, crop_pad=4).to(device)
+
+
+def our_model(ds, compute, seed=0):
+    """ResNet-18 as our scripts build it: small-image stem, on the device, channels_last if fast."""
+    from utils import create_model
+    torch.manual_seed(seed)
+    model, _ = create_model("resnet18", ds.num_classes, ds.in_chans, ds.img_size)
+    fmt = torch.channels_last if compute.channels_last else torch.contiguous_format
+    return model.to(compute.device, memory_format=fmt)
+
+
+def our_run(ds, compute, batch, split=None, seed=0):
+    from methods import Run
+    from utils import make_generator
+    return Run(ds, split, batch, make_generator(seed, compute.device), compute)
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The original toolkit's way: one uint8 HWC array per sample, to PIL, through a transform."""
+
+    def __init__(self, x_hwc, y, transform):
+        self.x, self.y, self.transform = x_hwc, y, transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def pil_loader(ds, n, batch, transform, workers):
+    x_hwc = ds.x_train[:n].permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return torch.utils.data.DataLoader(PILImages(x_hwc, ds.y_train[:n].cpu().numpy(), transform),
+                                       batch_size=batch, shuffle=True, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+# ---------------------------------------------------------------- rows
+
+def seed_pipeline_speedup(size, device, workers):
+    """Training throughput: our pipeline (uint8 tensor -> batched augment -> small-stem
+    ResNet-18 at 32 px, channels_last) against the original's (per-sample PIL, timm's
+    evaluation transform: resize to 224 px + centre crop + normalise, DataLoader,
+    ImageNet-stem ResNet-18 at 224 px), the same number of images and the same SGD."""
+    import timm
+    import timm.data
+    from methods import cross_entropy, make_optimizer, sgd_pass
+    from utils import compute_for
+
+    n = size["batch"] * size["batches"]
+    compute = compute_for(device)
+    ds = synthetic_cifar(n, device)
+    model = our_model(ds, compute)
+    run = our_run(ds, compute, size["batch"])
+    opt = make_optimizer(model, 0.01)
+    idx = torch.arange(n, device=device)
+
+    torch.manual_seed(0)
+    ref_model = timm.create_model("resnet18", num_classes=NUM_CLASSES).to(device)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=ref_model))
+    loader = pil_loader(ds, n, size["batch"], transform, workers)
+    ref_opt = make_optimizer(ref_model, 0.01)
+
+    def ours():
+        sgd_pass(model, opt, run, idx, cross_entropy).item()
+
+    def ref():
+        ref_model.train()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(ref_model(x), y)
+            ref_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ref_opt.step()
+
+    pairs = alternate(ours, ref, size["repeats"], device)
+    r = summarize(pairs, f"{n} images/repeat, batch {size['batch']}, {size['repeats']} repeats")
+    r.note = f"{n / r.ours_s:.1f} vs {n / r.reference_s:.1f} img/s; ref workers={workers}"
+    return r
+
+
+def data_path_speedup(size, device, workers):
+    """Images per second of batch preparation alone (index, crop, flip, normalise):
+    datasets.batches(augment=True) against per-sample PIL transforms in a DataLoader."""
+    import torchvision.transforms as T
+    from datasets import batches
+    from utils import compute_for, make_generator
+
+    n, batch = size["images"], size["batch"]
+    compute = compute_for(device)
+    ds = synthetic_cifar(n, device)
+    gen = make_generator(0, device)
+    idx = torch.arange(n, device=device)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    loader = pil_loader(ds, n, batch, transform, workers)
+
+    def ours():
+        for x, y, _ in batches(ds, idx, batch, gen=gen, augment=True, channels_last=compute.channels_last):
+            pass
+
+    def ref():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+
+    pairs = alternate(ours, ref, size["repeats"], device)
+    r = summarize(pairs, f"{n} images/repeat, batch {batch}, {size['repeats']} repeats")
+    r.note = f"{n / r.ours_s:,.0f} vs {n / r.reference_s:,.0f} img/s; ref workers={workers}"
+    return r
+
+
+def data_overhead(size, device, workers):
+    """Our epoch (methods.sgd_pass) over the pure compute of the same batches already
+    prepared as tensors on the device: what our data path adds to training (1.0 = nothing)."""
+    from datasets import batches
+    from methods import cross_entropy, make_optimizer, sgd_pass
+    from utils import compute_for, make_generator
+
+    n = size["batch"] * size["batches"]
+    compute = compute_for(device)
+    ds = synthetic_cifar(n, device)
+    model = our_model(ds, compute)
+    run = our_run(ds, compute, size["batch"])
+    opt = make_optimizer(model, 0.01)
+    idx = torch.arange(n, device=device)
+    staged = [(x, y) for x, y, _ in batches(ds, idx, size["batch"], gen=make_generator(1, device),
+                                            augment=True, channels_last=compute.channels_last)]
+
+    def ours():
+        sgd_pass(model, opt, run, idx, cross_entropy).item()
+
+    def limit():  # sgd_pass's loop body without the data
+        model.train()
+        total = torch.zeros((), device=device)
+        for x, y in staged:
+            with compute.autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        total.item()
+
+    pairs = alternate(ours, limit, size["repeats"], device)
+    return summarize(pairs, f"{n} images/repeat, batch {size['batch']}, {size['repeats']} repeats",
+                     speedup=False, note="ResNet-18 small stem, CIFAR-shaped")
+
+
+def original_mask(grads, mask_thr):
+    """SalUn's original selection: rank every |gradient| entry with a double argsort."""
+    flat = -torch.cat([g.abs().flatten() for g in grads.values()])
+    threshold = int(len(flat) * mask_thr)
+    ranks = torch.argsort(torch.argsort(flat))
+    keep, start = {}, 0
+    for name, g in grads.items():
+        part = ranks[start:start + g.numel()]
+        hard = torch.zeros_like(part)
+        hard[part < threshold] = 1
+        keep[name] = hard.reshape(g.shape)
+        start += g.numel()
+    return keep
+
+
+def our_mask(grads, mask_thr):
+    """methods.saliency_mask's selection, past the gradients: one select_top, cut per layer."""
+    from methods import select_top
+    keep_flat = select_top(torch.cat([g.abs().flatten() for g in grads.values()]), mask_thr)
+    keep, start = {}, 0
+    for name, g in grads.items():
+        keep[name] = keep_flat[start:start + g.numel()].view_as(g)
+        start += g.numel()
+    return keep
+
+
+def mask_speedup(size, device, workers):
+    """Mask selection over all ResNet-18 parameters from the same forget gradients:
+    methods.select_top (one kthvalue) against the original's double argsort."""
+    from methods import forget_gradients
+    from utils import compute_for
+
+    compute = compute_for(device)
+    ds = synthetic_cifar(size["forget"], device)
+    model = our_model(ds, compute)
+    run = our_run(ds, compute, 64, split=SimpleNamespace(forget=torch.arange(size["forget"], device=device)))
+    grads = forget_gradients(model, run)
+    n = sum(g.numel() for g in grads.values())
+
+    def check():  # doubles as the warm-up
+        kept = [sum(int(k.sum()) for k in f(grads, 0.5).values()) for f in (our_mask, original_mask)]
+        if kept[0] != kept[1] or kept[0] != int(0.5 * n):
+            raise RuntimeError(f"mask sizes differ: ours keeps {kept[0]}, the original {kept[1]} of {n}")
+
+    pairs = alternate(lambda: our_mask(grads, 0.5), lambda: original_mask(grads, 0.5), size["repeats"],
+                      device, check)
+    return summarize(pairs, f"{n / 1e6:.2f}M parameters, mask_thr 0.5, {size['repeats']} repeats",
+                     note=f"gradients of {size['forget']} images")
+
+
+def wasserstein_speedup(size, device, workers):
+    """One class pair's exact 1-Wasserstein distance: wasserstein.ot_distance (POT)
+    against scipy.stats.wasserstein_distance_nd (the original's call)."""
+    import scipy.stats
+    from wasserstein import ot_distance
+
+    rng = np.random.default_rng(0)
+    n, d = size["points"], size["dims"]
+    a, b = rng.normal(size=(n, d)), rng.normal(0.3, 1.2, size=(n, d))
+    got = {}
+
+    def ours():
+        got["ours"] = ot_distance(a, b)
+
+    def ref():
+        got["ref"] = scipy.stats.wasserstein_distance_nd(a, b)
+
+    def warmup():
+        ot_distance(a[:10], b[:10]), scipy.stats.wasserstein_distance_nd(a[:10], b[:10])
+
+    pairs = alternate(ours, ref, size["repeats"], device, warmup)
+    if not math.isclose(got["ours"], got["ref"], rel_tol=1e-6):
+        raise RuntimeError(f"distances differ: ours {got['ours']}, scipy {got['ref']}")
+    return summarize(pairs, f"{n} vs {n} points in {d} dims, {size['repeats']} repeats",
+                     note="values agree to 1e-6")
+
+
+def tsne_speedup(size, device, workers):
+    """A 2D and a 3D t-SNE of the same points: tsne_vis.embed (openTSNE) against
+    scikit-learn's TSNE with its defaults (the original's call)."""
+    from sklearn.manifold import TSNE
+    from tsne_vis import embed
+
+    rng = np.random.default_rng(0)
+    n, d = size["points"], size["dims"]
+    centres = rng.normal(0, 2, size=(NUM_CLASSES, d))
+    X = (centres[np.arange(n) % NUM_CLASSES] + rng.normal(size=(n, d))).astype(np.float32)
+
+    def ours(points=X):
+        for dim in (2, 3):
+            embed(points, dim, seed=0)
+
+    def ref(points=X):
+        for dim in (2, 3):
+            TSNE(n_components=dim, random_state=0).fit_transform(points)
+
+    def warmup():
+        ours(X[:40]), ref(X[:40])
+
+    pairs = alternate(ours, ref, size["repeats"], device, warmup)
+    return summarize(pairs, f"{n}x{d}, 2D + 3D, {size['repeats']} repeat(s)", note="10 clusters")
+
+
+def rte_ratio(size, device, workers):
+    """SalUn's wall-clock cost over retraining's, from per-epoch costs on digits.
+
+        salun   = t_mask + 10 * t_rl_split_epoch + t_evaluate
+        retrain = 30 * (t_retain_epoch + t_val_pass) + t_evaluate
+
+    SalUn as main.py runs it: saliency mask (mask_thr 0.5), 10 epochs (main.py's default)
+    of rl_split with the mask at batch 64 (main.py's default), then one metrics.evaluate.
+    Retraining as train.py does it: a fresh ResNet-18, 30 epochs (train.py's default)
+    over retain at batch 128 with SGD + OneCycle, a validation pass after every epoch
+    (train.py keeps the best epoch), then one metrics.evaluate. Forget set: a random 10%
+    (SalUn's headline setting). Every term is measured once per repeat, the SalUn and
+    the retraining terms in alternating order; the ratio is the median over repeats.
+    """
+    import datasets
+    import metrics
+    from methods import METHODS, cross_entropy, make_optimizer, saliency_mask, sgd_pass
+    from utils import compute_for
+
+    compute = compute_for(device)
+    ds = datasets.load_dataset("digits", device=device)
+    if size["train"]:
+        ds = datasets.Dataset(ds.name, ds.x_train[:size["train"]], ds.y_train[:size["train"]],
+                              ds.x_test[:size["train"] // 4], ds.y_test[:size["train"] // 4],
+                              ds.classes, ds.flip, ds.crop_pad).to(device)
+    split = datasets.make_split(ds, datasets.ForgetSpec(unlearning_rate=0.1), seed=0)
+    model, fresh = our_model(ds, compute), our_model(ds, compute, seed=1)
+    unlearn_run, retrain_run = our_run(ds, compute, 64, split), our_run(ds, compute, 128, split)
+    opt, fresh_opt = make_optimizer(model, 0.1), make_optimizer(fresh, 0.1)
+    steps = 30 * math.ceil(len(split.retain) / 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(fresh_opt, max_lr=0.1, total_steps=steps, pct_start=0.15,
+                                                cycle_momentum=False)
+    state = {}
+
+    def salun_terms():
+        mask_s = timed(lambda: state.update(mask=saliency_mask(model, unlearn_run, 0.5)), device)
+        epoch_s = timed(lambda: METHODS["rl_split"].epoch(model, opt, unlearn_run, state["mask"]).item(), device)
+        eval_s = timed(lambda: metrics.evaluate(model, ds, split, compute), device)
+        return mask_s, epoch_s, eval_s
+
+    def retrain_terms():
+        epoch_s = timed(lambda: sgd_pass(fresh, fresh_opt, retrain_run, split.retain, cross_entropy,
+                                         sched=sched).item(), device)
+        val_s = timed(lambda: metrics.predict(fresh, ds, split.val, compute), device)
+        return epoch_s, val_s
+
+    salun_terms(), retrain_terms()  # warm-up
+    rows = []
+    for r in range(size["repeats"]):
+        if r % 2 == 0:
+            s, t = salun_terms(), retrain_terms()
+        else:
+            t, s = retrain_terms(), salun_terms()
+        salun = s[0] + 10 * s[1] + s[2]
+        retrain = 30 * (t[0] + t[1]) + s[2]
+        rows.append((salun, retrain, s, t))
+    salun, retrain = (statistics.median(row[k] for row in rows) for k in (0, 1))
+    s = [statistics.median(row[2][k] for row in rows) for k in range(3)]
+    t = [statistics.median(row[3][k] for row in rows) for k in range(2)]
+    note = (f"mask {s[0]:.2f}s + 10 x rl_split epoch {s[1]:.2f}s + eval {s[2]:.2f}s vs "
+            f"30 x (retain epoch {t[0]:.2f}s + val {t[1]:.2f}s) + eval")
+    ratio = statistics.median(row[0] / row[1] for row in rows)
+    return Result(salun, retrain, ratio,
+                  f"digits {len(ds.y_train)} train, forget {len(split.forget)} (random 10%), "
+                  f"{size['repeats']} repeats", note)
+
+
+ROWS = {  # name -> (function, direction, goal)
+    "seed_pipeline_speedup": (seed_pipeline_speedup, ">=", 8.0),
+    "data_path_speedup": (data_path_speedup, ">=", 10.0),
+    "data_overhead": (data_overhead, "<=", 1.10),
+    "mask_speedup": (mask_speedup, ">=", 5.0),
+    "wasserstein_speedup": (wasserstein_speedup, ">=", 100.0),
+    "tsne_speedup": (tsne_speedup, ">=", 2.5),
+    "rte_ratio": (rte_ratio, "<=", 0.10),
+}
+
+
+# ---------------------------------------------------------------- output
+
+def fmt_s(s):
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def table(records):
+    head = ("figure", "ours", "reference", "ratio", "goal", "met?", "size", "note")
+    lines = []
+    for name, rec in records.items():
+        if "error" in rec:
+            lines.append((name, "-", "-", "-", "-", "error", "", rec["error"]))
+            continue
+        lines.append((name, fmt_s(rec["ours_s"]), fmt_s(rec["reference_s"]), f"{rec['ratio']:.3g}",
+                      f"{rec['direction']} {rec['goal']:g}", "yes" if rec["met"] else "NO",
+                      rec["size"], rec["note"]))
+    widths = [max(len(str(row[k])) for row in [head] + lines) for k in range(len(head))]
+    out = [" | ".join(str(v).ljust(w) for v, w in zip(head, widths)),
+           "-|-".join("-" * w for w in widths)]
+    out += [" | ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in lines]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def run_row(name, mode, device, workers):
+    fn, direction, goal = ROWS[name]
+    start = time.perf_counter()
+    try:
+        r = fn(SIZES[mode][name], device, workers)
+    except ImportError as e:
+        return {"error": f"cannot import {e.name or e} ({e})", "goal": goal, "direction": direction}
+    met = r.ratio >= goal if direction == ">=" else r.ratio <= goal
+    print(f"{name}: {r.ratio:.3g} ({direction} {goal:g}: {'met' if met else 'NOT met'}) "
+          f"in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    return {"ours_s": r.ours_s, "reference_s": r.reference_s, "ratio": r.ratio, "goal": goal,
+            "direction": direction, "met": met, "size": r.size, "note": r.note, "mode": mode,
+            "device": str(device)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark our pipeline against the original toolkit's way.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes: under 3 minutes on 2 CPU cores")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every row runs, not speed")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers of the references (default: 0 on CPU, where a worker only "
+                        "takes a core from the compute; 2 on CUDA)")
+    p.add_argument("--json", default=None, help="write the figures to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from utils import UserError, atomic_write_text, get_device
+    args = parse_args(argv)
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or not names:
+        raise UserError(f"unknown row(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(ROWS)}")
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    device = get_device(args.device)
+    workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
+    print(f"bench: {mode} mode on {device} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__})", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    records = {name: run_row(name, mode, device, workers) for name in names}
+    print(table(records))
+    print(f"({mode} mode, {device}, {time.perf_counter() - start:.0f}s)")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+    if any("error" in rec for rec in records.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from utils import cli
+    cli(main)

@@ -1,0 +1,482 @@
+"""Unlearning experiments: each experiment --nexp times, mean ± std, against a gold standard.
+
+    python main.py -L exp/classforget.json --nexp 5
+    python main.py -c checkpoints/resnet18_digits_base.pt -CF 0 -M rl_split -UM -MT 0.2 -NL
+    python main.py --resume output/20261130-101500_classforget
+
+Results go to output/<run>/: config.json (the resolved experiments), results.jsonl (one
+line per finished run, written as it ends), summary.csv / summary.md / summary.png, and
+per experiment the unlearned model of its last run (<name>.pt, train.py's format) and
+its saliency mask (masks/<name>.pt).
+"""
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import datasets
+import metrics
+from datasets import ForgetSpec
+from methods import METHODS, Run, make_optimizer, saliency_mask
+from utils import (Logger, UserError, atomic_write_text, cli, compute_for, get_device, load_checkpoint,
+                   make_generator, mean_std, model_from_config, save_checkpoint, seed_everything,
+                   timestamp, unique_dir)
+
+
+@dataclass
+class Experiment:
+    checkpoint: str = "checkpoints/resnet18_cifar10_base.pt"
+    """the model to unlearn from (train.py's checkpoint)"""
+    class_to_forget: int = None
+    """forget every training sample of this class"""
+    unlearning_rate: float = None
+    """forget a random fraction of the training set, drawn once from `seed`"""
+    idxs_to_forget: str = None
+    """forget the training indices listed in this JSON file"""
+    use_mask: bool = False
+    """update only the salient weights (SalUn)"""
+    mask_thr: float = 0.5
+    """fraction of all weights the mask keeps, in (0, 1]"""
+    lr: float = 0.1
+    """SGD learning rate (momentum 0.9, weight decay 5e-4)"""
+    epochs: int = 10
+    """unlearning epochs"""
+    method: str = "rl_split"
+    """one of methods.METHODS"""
+    tag: str = None
+    """a name for the experiment (default: built from method, mask and forget set)"""
+    retrained: str = None
+    """gold-standard checkpoint trained without the same forget set, for the gap"""
+    seed: int = None
+    """first run's seed (default --seed); run k uses seed + k"""
+    batch_size: int = None
+    """default --batch-size"""
+
+    @property
+    def spec(self):
+        return ForgetSpec(self.class_to_forget, self.unlearning_rate, self.idxs_to_forget)
+
+
+KEYS = {f.name: f for f in fields(Experiment)}
+TYPES = {"checkpoint": str, "class_to_forget": int, "unlearning_rate": float, "idxs_to_forget": str,
+         "use_mask": bool, "mask_thr": float, "lr": float, "epochs": int, "method": str, "tag": str,
+         "retrained": str, "seed": int, "batch_size": int}
+
+
+# ---------------------------------------------------------------- reading and checking experiments
+
+def type_problem(key, value):
+    want = TYPES[key]
+    if value is None and KEYS[key].default is None:
+        return None
+    ok = (isinstance(value, bool) if want is bool else
+          isinstance(value, int) and not isinstance(value, bool) if want is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+          isinstance(value, want))
+    return None if ok else f"expected {want.__name__}, got {json.dumps(value)}"
+
+
+def range_problems(e):
+    out = []
+    if e.method not in METHODS:
+        out.append(("method", f"unknown method {e.method!r}; known: {', '.join(METHODS)}"))
+    if not 0 < e.mask_thr <= 1:
+        out.append(("mask_thr", f"{e.mask_thr} outside (0, 1]"))
+    for key in ("lr", "epochs", "batch_size"):
+        if getattr(e, key) <= 0:
+            out.append((key, f"must be positive, got {getattr(e, key)}"))
+    given = [k for k, v in e.spec.to_config().items() if v is not None]
+    if len(given) != 1:
+        out.append(("forget spec", f"give exactly one of class_to_forget, unlearning_rate, idxs_to_forget "
+                                   f"(got {', '.join(given) or 'none'})"))
+    return out
+
+
+class Checker:
+    """Checks experiments against their checkpoints and data; caches what it loads."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+        self.configs, self.labels = {}, {}
+
+    def config(self, path):
+        if path not in self.configs:
+            self.configs[path] = load_checkpoint(path)["config"]
+        return self.configs[path]
+
+    def train_labels(self, name):
+        if name not in self.labels:
+            self.labels[name] = datasets.load_dataset(name, self.data_dir).y_train
+        return self.labels[name]
+
+    def problems(self, e):
+        try:
+            cfg = self.config(e.checkpoint)
+        except UserError as err:
+            return [("checkpoint", str(err))]
+        out = e.spec.problems(cfg["num_classes"])
+        if out:
+            return out
+        try:
+            forget = datasets.forget_indices(e.spec, self.train_labels(cfg["dataset"]), e.seed)
+        except UserError as err:
+            return [("idxs_to_forget", str(err))]
+        if e.retrained is not None:
+            out += self.gold_problems(e, cfg, forget)
+        return out
+
+    def gold_problems(self, e, cfg, forget):
+        try:
+            gold = self.config(e.retrained)
+        except UserError as err:
+            return [("retrained", str(err))]
+        if gold["dataset"] != cfg["dataset"]:
+            return [("retrained", f"{e.retrained} was trained on {gold['dataset']}, "
+                                  f"the checkpoint on {cfg['dataset']}")]
+        if gold.get("forget_idx") != forget.tolist():
+            return [("retrained", f"{e.retrained} was trained without a different forget set "
+                                  f"({len(gold.get('forget_idx', []))} samples, this experiment forgets "
+                                  f"{len(forget)}: {e.spec.describe()})")]
+        return []
+
+
+def resolve(entries, defaults, where, data_dir):
+    """Experiments from raw dicts: defaults < file < command line; every problem at once."""
+    if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
+        raise UserError(f"{where}: expected a non-empty list of experiment objects")
+    problems, experiments, checker = [], [], Checker(data_dir)
+    for i, entry in enumerate(entries):
+        here = f"{where}: experiment {i}"
+        bad = [f"{here}: unknown key {k!r} (known: {', '.join(KEYS)})" for k in entry if k not in KEYS]
+        bad += [f"{here}: {k}: {msg}" for k, v in entry.items() if k in KEYS
+                for msg in [type_problem(k, v)] if msg]
+        if bad:
+            problems += bad
+            continue
+        e = Experiment(**{**defaults, **entry})
+        local = range_problems(e)
+        if not local:
+            local = checker.problems(e)
+        problems += [f"{here}: {key}: {msg}" for key, msg in local]
+        experiments.append(e)
+    if problems:
+        raise UserError("\n".join(problems))
+    return experiments
+
+
+def experiment_names(experiments):
+    names = []
+    for i, e in enumerate(experiments):
+        auto = f"{e.method}{'_mask' + format(e.mask_thr, 'g') if e.use_mask else ''}_{e.spec.describe()}"
+        names.append(f"{i:02d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", e.tag or auto))
+    return names
+
+
+# ---------------------------------------------------------------- one run
+
+@dataclass
+class Context:
+    """What every run of one experiment shares: data, split, base model and reference metrics."""
+    ds: object
+    split: object
+    base_config: dict
+    base_state: dict
+    before: dict
+    gold: dict
+    compute: object
+
+
+def prepare(e, device, cache):
+    compute = compute_for(device)
+    ckpt = load_checkpoint(e.checkpoint)
+    cfg = ckpt["config"]
+    if cfg["dataset"] not in cache:
+        cache[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], cache["data_dir"], device)
+    ds = cache[cfg["dataset"]]
+    split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
+    base = model_from_config(cfg, device)
+    base.load_state_dict(ckpt["state_dict"])
+    before = metrics.report(metrics.evaluate(base, ds, split, compute))
+    gold = None
+    if e.retrained:
+        gold_ckpt = load_checkpoint(e.retrained)
+        model = model_from_config(gold_ckpt["config"], device)
+        model.load_state_dict(gold_ckpt["state_dict"])
+        gold = metrics.report(metrics.evaluate(model, ds, split, compute))
+    return Context(ds, split, cfg, ckpt["state_dict"], before, gold, compute)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def unlearn(e, ctx, seed, logger):
+    """One run; returns (model, mask, result dict). Evaluation time is not part of RTE."""
+    device = ctx.ds.device
+    seed_everything(seed)
+    model = model_from_config(ctx.base_config, device)
+    if not METHODS[e.method].fresh_model:
+        model.load_state_dict(ctx.base_state)
+    if ctx.compute.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run = Run(ctx.ds, ctx.split, e.batch_size, make_generator(seed, device), ctx.compute)
+    method = METHODS[e.method]
+    sync(device)
+    start = time.perf_counter()
+    mask = saliency_mask(model, run, e.mask_thr) if e.use_mask else None
+    opt = make_optimizer(model, e.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, e.epochs) if method.cosine_lr else None
+    spent, history, diverged_at, last = 0.0, [], None, None
+    for epoch in range(1, e.epochs + 1):
+        loss = method.epoch(model, opt, run, mask).item()
+        if sched is not None:
+            sched.step()
+        sync(device)
+        spent += time.perf_counter() - start
+        if not math.isfinite(loss):
+            diverged_at = epoch
+            break
+        last = metrics.report(metrics.evaluate(model, ctx.ds, ctx.split, ctx.compute), mia=False)
+        history.append({"epoch": epoch, "loss": loss, **last})
+        logger.log({"loss": loss, **last}, step=epoch)
+        start = time.perf_counter()
+    if diverged_at is None:
+        final = metrics.report(metrics.evaluate(model, ctx.ds, ctx.split, ctx.compute), seed=seed)
+    else:  # the last finite evaluation stands for the run
+        final = history[-1] if history else dict(ctx.before)
+        final = {k: v for k, v in final.items() if k not in ("epoch", "loss")}
+    result = {"seed": seed, "metrics": final, "rte_s": spent, "diverged_at": diverged_at,
+              "mask_fraction": mask.total_fraction if mask else 1.0, "history": history}
+    if ctx.gold and diverged_at is None:
+        result["gap"] = metrics.gap(final, ctx.gold)
+    return model, mask, result
+
+
+# ---------------------------------------------------------------- results
+
+SUMMARY_KEYS = ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "avg_gap", "rte_s", "mask_fraction")
+
+
+def read_results(path):
+    """Finished runs; a half-written last line (an interrupted write) is reported and dropped."""
+    if not path.exists():
+        return []
+    rows, lines = [], path.read_text().splitlines()
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"note: ignoring unreadable line {k + 1} of {path} (an interrupted write)", file=sys.stderr)
+    if len(rows) != len([ln for ln in lines if ln.strip()]):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def flat(row):
+    m = dict(row["metrics"])
+    m.update(row.get("gap", {}))
+    m["rte_s"], m["mask_fraction"] = row["rte_s"], row["mask_fraction"]
+    return m
+
+
+def summarize(names, experiments, rows, refs):
+    """One summary row per experiment (mean ± std over runs), after its base and gold rows."""
+    table = []
+    for i, (name, e) in enumerate(zip(names, experiments)):
+        ref = refs.get(i, {})
+        for label, m in (("base (before)", ref.get("before")), ("gold standard", ref.get("gold"))):
+            if m and not any(r["experiment"] == label and r["forget"] == e.spec.describe() for r in table):
+                table.append({"experiment": label, "method": "-", "mask": "-", "forget": e.spec.describe(),
+                              "runs": 1, **{k: (m[k], 0.0) for k in SUMMARY_KEYS if k in m}})
+        mine = [flat(r) for r in rows if r["experiment"] == i]
+        if not mine:
+            continue
+        row = {"experiment": name, "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
+               "forget": e.spec.describe(), "runs": len(mine)}
+        for k in SUMMARY_KEYS:
+            vals = [m.get(k) for m in mine if m.get(k) is not None]
+            if vals:
+                row[k] = mean_std(vals)
+        diverged = [r["diverged_at"] for r in rows if r["experiment"] == i and r["diverged_at"]]
+        row["diverged"] = f"{len(diverged)}/{len(mine)} (epoch {min(diverged)})" if diverged else ""
+        table.append(row)
+    return table
+
+
+COLUMNS = ("experiment", "method", "mask", "forget", "runs") + SUMMARY_KEYS + ("diverged",)
+
+
+def cell(v, key):
+    if isinstance(v, tuple):
+        digits = 3 if key in ("rte_s", "mask_fraction") else 2
+        return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if not math.isnan(v[0]) else "n/a"
+    return str(v)
+
+
+def write_summary(run_dir, table):
+    csv_cols = [c for k in COLUMNS for c in ((k, k + "_std") if k in SUMMARY_KEYS else (k,))]
+    lines = [",".join(csv_cols)]
+    for row in table:
+        vals = []
+        for k in COLUMNS:
+            v = row.get(k, "")
+            vals += [f"{v[0]:.4f}", f"{v[1]:.4f}"] if k in SUMMARY_KEYS and v else (
+                ["", ""] if k in SUMMARY_KEYS else [f'"{v}"' if "," in str(v) else str(v)])
+        lines.append(",".join(vals))
+    atomic_write_text(run_dir / "summary.csv", "\n".join(lines) + "\n")
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(cell(row.get(k, ""), k) for k in COLUMNS) + " |" for row in table]
+    atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
+    plot_summary(run_dir / "summary.png", table)
+    return "\n".join(md)
+
+
+def plot_summary(path, table):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in ("UA", "RA", "TA", "MIA", "avg_gap") if any(k in r for r in table)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(table) * len(keys) / 2), 4.5), dpi=100)
+    width = 0.8 / len(keys)
+    for j, k in enumerate(keys):
+        xs = [i + j * width for i, r in enumerate(table) if k in r]
+        ax.bar(xs, [r[k][0] for r in table if k in r], width, yerr=[r[k][1] for r in table if k in r],
+               label=k, capsize=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))])
+    ax.set_xticklabels([r["experiment"] for r in table], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("percent")
+    ax.set_title("Unlearning: mean ± std over runs")
+    ax.legend(ncol=len(keys), fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the command line
+
+FLAG_KEYS = {"c": "checkpoint", "CF": "class_to_forget", "UL": "unlearning_rate", "IF": "idxs_to_forget",
+             "E": "epochs", "M": "method", "UM": "use_mask", "LR": "lr", "MT": "mask_thr",
+             "T": "tag", "R": "retrained"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Run unlearning experiments (SalUn and baselines).")
+    p.add_argument("-L", "--load", help="JSON list of experiments")
+    p.add_argument("--nexp", type=int, default=1, help="runs per experiment (seeds seed, seed+1, ...)")
+    p.add_argument("-c", "--checkpoint", dest="c")
+    p.add_argument("-CF", "--class-to-forget", dest="CF", type=int)
+    p.add_argument("-UL", "--unlearning-rate", dest="UL", type=float)
+    p.add_argument("-IF", "--idxs-to-forget", dest="IF")
+    p.add_argument("-E", "--epochs", dest="E", type=int)
+    p.add_argument("-M", "--method", dest="M", help=", ".join(METHODS))
+    p.add_argument("-UM", "--use-mask", dest="UM", action="store_true", default=None)
+    p.add_argument("-LR", "--lr", dest="LR", type=float)
+    p.add_argument("-MT", "--mask-thr", dest="MT", type=float)
+    p.add_argument("-T", "--tag", dest="T")
+    p.add_argument("-R", "--retrained", dest="R", help="gold-standard checkpoint for the gap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
+    p.add_argument("--out", default="output", help="parent folder of the run folder")
+    p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results")
+    p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
+    return p.parse_args(argv)
+
+
+def load_list(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"experiment file {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def plan(args):
+    """(experiments, names, nexp, run folder, runs already done) — all checked, nothing computed."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} is not a run folder (no config.json)")
+        saved = json.loads((run_dir / "config.json").read_text())
+        experiments = resolve(saved["experiments"], {}, run_dir / "config.json", saved["data_dir"])
+        args.data_dir = saved["data_dir"]
+        return experiments, saved["names"], saved["nexp"], run_dir
+    if args.nexp < 1:
+        raise UserError(f"--nexp must be at least 1, got {args.nexp}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    defaults = {"seed": args.seed, "batch_size": args.batch_size}
+    if args.load:
+        entries, where = load_list(args.load), args.load
+        if isinstance(entries, list):
+            entries = [{**x, **overrides} if isinstance(x, dict) else x for x in entries]
+    else:
+        entries, where = [overrides], "command line"
+    experiments = resolve(entries, defaults, where, args.data_dir)
+    names = experiment_names(experiments)
+    label = Path(args.load).stem if args.load else "cli"
+    run_dir = unique_dir(args.out, f"{timestamp()}_{label}")
+    atomic_write_text(run_dir / "config.json", json.dumps(
+        {"experiments": [asdict(e) for e in experiments], "names": names, "nexp": args.nexp,
+         "data_dir": args.data_dir, "command": sys.argv}, indent=2))
+    return experiments, names, args.nexp, run_dir
+
+
+def save_outputs(run_dir, name, e, ctx, model, mask, result):
+    config = dict(ctx.base_config, forget=e.spec.to_config(), forget_idx=ctx.split.forget.tolist(),
+                  method=e.method, experiment=asdict(e), metrics=result["metrics"],
+                  kept_fraction=mask.kept_fraction if mask else None)
+    save_checkpoint(run_dir / f"{name}.pt", model.state_dict(), config)
+    if mask:
+        save_checkpoint(run_dir / "masks" / f"{name}.pt", mask.keep,
+                        {"name": name, "experiment": asdict(e), "kept_fraction": mask.kept_fraction})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = get_device(args.device)
+    experiments, names, nexp, run_dir = plan(args)
+    results_path = run_dir / "results.jsonl"
+    rows = read_results(results_path)
+    done = {(r["experiment"], r["run"]) for r in rows}
+    print(f"run folder: {run_dir} ({len(experiments)} experiments x {nexp} runs, {len(done)} already done)")
+    cache, refs = {"data_dir": args.data_dir}, {}
+    for i, (name, e) in enumerate(zip(names, experiments)):
+        todo = [k for k in range(nexp) if (i, k) not in done]
+        ctx = prepare(e, device, cache)
+        refs[i] = {"before": ctx.before, "gold": ctx.gold}
+        for k in tqdm(todo, desc=name, unit="run", disable=not todo):
+            logger = Logger(not args.no_log, "salun-deepdive", f"{run_dir.name}/{name}/run{k}", asdict(e))
+            model, mask, result = unlearn(e, ctx, e.seed + k, logger)
+            logger.finish()
+            if k == nexp - 1:
+                save_outputs(run_dir, name, e, ctx, model, mask, result)
+            row = {"experiment": i, "name": name, "run": k, **result}
+            with open(results_path, "a") as f:  # one whole line per run, flushed as it ends
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+            rows.append(row)
+    table = summarize(names, experiments, rows, refs)
+    md = write_summary(run_dir, table)
+    if (run_dir / "masks").is_dir():
+        import mask_vis
+        mask_vis.plot_run(run_dir)
+    print(md)
+    print(f"results: {run_dir}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,135 @@
+import gzip
+import json
+import struct
+import time
+
+import pytest
+import torch
+
+import datasets
+from conftest import run_script
+from datasets import ForgetSpec, make_split, read_idx, read_index_file
+from utils import UserError
+
+
+def test_digits_is_uint8_nchw_with_fixed_split(digits):
+    assert digits.x_train.dtype == torch.uint8 and digits.x_train.shape[1:] == (1, 8, 8)
+    assert len(digits.y_train) + len(digits.y_test) == 1797
+    again = datasets.load_dataset("digits")
+    assert torch.equal(again.x_test, digits.x_test) and torch.equal(again.y_train, digits.y_train)
+
+
+@pytest.mark.parametrize("spec", [ForgetSpec(), ForgetSpec(class_to_forget=3), ForgetSpec(unlearning_rate=0.1)])
+def test_split_is_disjoint_and_complete(digits, spec):
+    s = make_split(digits, spec, seed=5)
+    parts = [set(s.forget.tolist()), set(s.retain.tolist()), set(s.val.tolist())]
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == len(digits.y_train)
+    assert set(s.train.tolist()) == parts[0] | parts[1]
+    assert s.is_forget.sum() == len(s.forget)
+
+
+def test_class_and_rate_specs(digits):
+    s = make_split(digits, ForgetSpec(class_to_forget=3))
+    assert torch.equal(s.forget, torch.nonzero(digits.y_train == 3).flatten())
+    assert (digits.y_train[s.retain] != 3).all() and (digits.y_train[s.val] != 3).all()
+    r = make_split(digits, ForgetSpec(unlearning_rate=0.1), seed=1)
+    assert len(r.forget) == int(0.1 * len(digits.y_train))
+    assert len(r.val) == int(0.1 * (len(digits.y_train) - len(r.forget)))
+
+
+def test_same_seed_same_split_other_seed_other_split(digits):
+    a, b = (make_split(digits, ForgetSpec(unlearning_rate=0.2), seed=7) for _ in range(2))
+    c = make_split(digits, ForgetSpec(unlearning_rate=0.2), seed=8)
+    assert torch.equal(a.forget, b.forget) and torch.equal(a.val, b.val)
+    assert not torch.equal(a.forget, c.forget)
+
+
+def test_index_spec_and_given_validation_indices(digits, tmp_path):
+    f = tmp_path / "f.json"
+    f.write_text(json.dumps([9, 2, 40]))
+    s = make_split(digits, ForgetSpec(idxs_to_forget=str(f)), val_idx=[2, 3, 4])
+    assert s.forget.tolist() == [2, 9, 40]
+    assert s.val.tolist() == [3, 4]  # 2 stays a forget sample
+    assert 3 not in s.retain.tolist() and 2 not in s.retain.tolist()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"a": 1}, "must hold a list"), ([], "empty"), ([1, "x"], "non-integers"), ([1, True], "non-integers"),
+    ([1.5], "non-integers"), ([0, 5000], "out of range"), ([-1], "out of range"), ([3, 3], "more than once"),
+])
+def test_index_file_validation(tmp_path, content, message):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(UserError, match=message):
+        read_index_file(f, 1437)
+
+
+def test_index_file_not_json(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text("[1, 2,")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_index_file(f, 10)
+
+
+def test_forget_spec_problems():
+    assert ForgetSpec(class_to_forget=1, unlearning_rate=0.1).problems()[0][0] == "forget spec"
+    assert ForgetSpec(class_to_forget=10).problems(10)[0][0] == "class_to_forget"
+    assert ForgetSpec(unlearning_rate=1.0).problems()[0][0] == "unlearning_rate"
+    assert ForgetSpec(class_to_forget=9).problems(10) == []
+
+
+def write_idx(path, array):
+    dims = array.shape
+    header = bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}i", *dims)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.numpy().tobytes())
+
+
+def test_gz_idx_reader_and_folder_loader(tmp_path):
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.uint8)
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    assert torch.equal(read_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
+    ds = datasets.load_dataset("fashionmnist", tmp_path)
+    assert ds.x_train.shape == (6, 1, 28, 28) and ds.y_test.tolist() == list(range(6))
+    assert ds.classes[0] == "T-shirt/top"
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3i", 10, 28, 28) + b"\0" * 100)
+    with pytest.raises(UserError, match="truncated"):
+        read_idx(path)
+
+
+def test_missing_dataset_is_one_line_exit_2(tmp_path):
+    start = time.time()
+    r = run_script("train.py", "--dataset", "cifar10", "--data-dir", tmp_path / "empty", "-NL",
+                   "--save-dir", tmp_path, timeout=60)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar10" in lines[0] and str(tmp_path / "empty") in lines[0]
+    assert time.time() - start < 30
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_random_crop_and_flip_keep_shape_and_content(digits):
+    g = torch.Generator().manual_seed(0)
+    x = digits.x_train[:16]
+    out = datasets.random_crop(x, 1, g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(datasets.random_crop(x, 0, g), x)
+    b = digits.prepare(x, g, augment=True)
+    assert b.shape == (16, 1, 8, 8) and b.dtype == torch.float32
+
+
+def test_batches_cover_indices_once_and_never_end_in_one(digits):
+    idx = torch.arange(65)
+    seen = [i for _, _, i in datasets.batches(digits, idx, 32)]
+    assert torch.equal(torch.cat(seen), idx)
+    shuffled = [len(i) for _, _, i in datasets.batches(digits, idx, 32, gen=torch.Generator().manual_seed(0))]
+    assert shuffled == [32, 32]

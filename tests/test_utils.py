@@ -1,0 +1,118 @@
+import os
+import pickle
+import time
+
+import pytest
+import torch
+
+import utils
+from utils import UserError, create_model, load_checkpoint, mean_std, save_checkpoint
+
+
+@pytest.mark.parametrize("size, chans", [(8, 1), (28, 1), (32, 3)])
+def test_small_image_stem_keeps_resolution(size, chans):
+    model, stem = create_model("resnet18", 10, chans, size)
+    assert stem == "resnet_3x3"
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    x = torch.zeros(2, chans, size, size)
+    assert model.eval()(x).shape == (2, 10)
+    # layer1 sees the full image: nothing was shrunk by the stem
+    assert model.layer1(model.act1(model.bn1(model.conv1(x)))).shape[-1] == size
+
+
+def test_large_images_keep_the_imagenet_stem():
+    model, stem = create_model("resnet18", 10, 3, 96)
+    assert stem == "none" and model.conv1.stride == (2, 2)
+
+
+def test_vit_is_built_for_the_image_size():
+    model, stem = create_model("test_vit", 10, 1, 28)
+    assert stem == "vit_img_size" and model.eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_unknown_model_lists_close_names():
+    with pytest.raises(UserError, match="resnet18"):
+        create_model("resnet18x", 10, 3, 32)
+
+
+def test_pretrained_offline_fails_fast_with_one_line(monkeypatch):
+    monkeypatch.setattr(utils, "_hub_reachable", lambda timeout=1.5: False)
+    start = time.time()
+    with pytest.raises(UserError, match="pretrained weights"):
+        create_model("resnet18", 10, 3, 32, pretrained=True)
+    assert time.time() - start < 2
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    model, _ = create_model("test_resnet", 10, 1, 8)
+    config = {"model": "test_resnet", "val_idx": [1, 2], "forget": {"class_to_forget": None}, "lr": 0.1}
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model.state_dict(), config)
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"] == config
+    ck = load_checkpoint(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck["state_dict"][k], v)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
+
+
+def test_config_must_be_plain(tmp_path):
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path / "m.pt", {}, {"device": torch.device("cpu")})
+    assert not (tmp_path / "m.pt").exists()
+
+
+class Payload:
+    """Unpickling this creates a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "config": {}, "x": Payload(marker)}, path)
+    with pytest.raises(UserError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    with open(path, "wb") as f:
+        pickle.dump(Payload(marker), f)
+    with pytest.raises(UserError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_checkpoints_are_reported(tmp_path):
+    model, _ = create_model("test_resnet", 10, 1, 8)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model.state_dict(), {})
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupted"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(UserError, match="not a SalUn DeepDive checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert mean_std([2.0, float("nan")]) == (2.0, 0.0)
+
+
+def test_unique_dir_never_reuses(tmp_path):
+    a, b = utils.unique_dir(tmp_path, "run"), utils.unique_dir(tmp_path, "run")
+    assert a != b and a.is_dir() and b.is_dir()
+
+
+def test_device_choice():
+    assert utils.get_device("cpu").type == "cpu"
+    with pytest.raises(UserError):
+        utils.get_device("tpu")
