@@ -45,20 +45,22 @@ def parse_args(argv=None):
     p.add_argument("--proto", action="store_true", help="embed and draw the class prototypes")
     p.add_argument("--no-gif", action="store_true", help="skip the rotating 3D GIF")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="t-SNE threads (more only help on an idle machine)")
     p.add_argument("--out", default=IMAGES_ROOT, help="root of the images tree")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- embedding
 
-def embed(X, dim, seed=0):
+def embed(X, dim, seed=0, n_jobs=1):
     """t-SNE of the rows of X into `dim` (2 or 3) dimensions.
 
     openTSNE, measured faster than scikit-learn on 5000 x 512: 18 s vs 31 s in 2D
     (FFT-accelerated gradients), 49 s vs 186 s in 3D with Barnes-Hut (its FFT method
     refuses 3D). Rows are L2-normalised first, so neighbours are those of the cosine
     metric (prototypes, whose scale differs from the features', land by direction) and
-    an all-zero row cannot produce a NaN.
+    an all-zero row cannot produce a NaN. One thread by default: on a 2-core machine
+    with anything else running, 2 threads were measured 2.5x slower than 1.
     """
     from openTSNE import TSNE
     X = np.asarray(X, dtype=np.float64)
@@ -67,7 +69,7 @@ def embed(X, dim, seed=0):
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     X = X / np.where(norms > 0, norms, 1.0)
     perplexity = min(30.0, (len(X) - 1) / 3)  # openTSNE needs 3 * perplexity < n
-    tsne = TSNE(n_components=dim, perplexity=perplexity, random_state=seed, n_jobs=os.cpu_count() or 1,
+    tsne = TSNE(n_components=dim, perplexity=perplexity, random_state=seed, n_jobs=n_jobs,
                 negative_gradient_method="fft" if dim == 2 else "bh", verbose=False)
     return np.asarray(tsne.fit(X))
 
@@ -88,10 +90,10 @@ def points_of(f, proto):
     return f.features
 
 
-def embed_jointly(group, dim, proto, seed):
+def embed_jointly(group, dim, proto, seed, n_jobs):
     """Concatenate the group's points, embed once, split back per file."""
     parts = [points_of(f, proto) for f in group]
-    y = embed(np.vstack(parts), dim, seed)
+    y = embed(np.vstack(parts), dim, seed, n_jobs)
     return np.split(y, np.cumsum([len(p) for p in parts])[:-1])
 
 
@@ -193,8 +195,8 @@ def main(argv=None):
     for group in joint_groups(by_folder):
         n = sum(len(points_of(f, args.proto)) for f in group)
         print(f"t-SNE of {len(group)} file(s) that forgot {group[0].forgets} ({n} points)", flush=True)
-        y2 = embed_jointly(group, 2, args.proto, args.seed)
-        y3 = embed_jointly(group, 3, args.proto, args.seed)
+        y2 = embed_jointly(group, 2, args.proto, args.seed, args.jobs)
+        y3 = embed_jointly(group, 3, args.proto, args.seed, args.jobs)
         for f, a, b in zip(group, y2, y3):
             plot_file(f, a, b, args.out, not args.no_gif)
     print(f"plots under {args.out}/")

@@ -1,0 +1,222 @@
+"""Latent-space and mask analysis: feature_extraction.py, tsne_vis.py, wasserstein.py, mask_vis.py."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import datasets  # noqa: E402
+import feature_extraction  # noqa: E402
+import mask_vis  # noqa: E402
+import train  # noqa: E402
+import tsne_vis  # noqa: E402
+import wasserstein  # noqa: E402
+from methods import Run, saliency_mask  # noqa: E402
+from utils import cli, compute_for, load_model, make_generator, save_checkpoint  # noqa: E402
+
+SAMPLES = 300
+
+
+def script(name, *args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def exit_code(main, argv, capsys):
+    """Run a script's main through utils.cli in this process: (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: main(argv))
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder holding two tiny digits checkpoints: a base model and one without class 0."""
+    tmp = tmp_path_factory.mktemp("analysis")
+    for extra in (["--comment", "a"], ["--cf", "0"]):
+        train.main(["--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "-NL",
+                    "--save-dir", str(tmp / "ckpt"), *extra])
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def extracted(work):
+    r = script("feature_extraction.py", "-D", "ckpt", "-S", SAMPLES, cwd=work)
+    assert r.returncode == 0, r.stderr
+    return work / "features" / "ckpt"
+
+
+# ---------------------------------------------------------------- feature extraction
+
+def test_features_shapes_and_samples(extracted):
+    files = sorted(extracted.glob("*.json"))
+    assert [f.stem for f in files] == ["test_resnet_digits_a", "test_resnet_digits_cf0"]
+    y = datasets.load_dataset("digits").y_train[:SAMPLES]
+    for f in files:
+        d = json.loads(f.read_text())
+        feats, proto = np.array(d["all_features"]), np.array(d["proto"])
+        assert feats.shape[0] == SAMPLES and proto.shape == (10, feats.shape[1])
+        assert d["all_labels"] == y.tolist()  # the first S training samples, in order, for each
+        assert d["dataset"] == "digits" and d["model"] == "test_resnet" and len(d["classes"]) == 10
+    base, cf0 = (json.loads(f.read_text()) for f in files)
+    assert base["forget"] == {} and base["forget_idx"] == []
+    assert cf0["forget"] == {"class_to_forget": 0}
+    assert cf0["forget_idx"] == torch.nonzero(y == 0).flatten().tolist()
+    assert not np.allclose(base["all_features"], cf0["all_features"])
+
+
+def test_features_identical_across_runs(work, extracted, monkeypatch):
+    monkeypatch.chdir(work)
+    feature_extraction.main(["-D", "ckpt", "-S", str(SAMPLES), "--out", "again"])
+    for f in extracted.glob("*.json"):
+        assert (work / "again" / "ckpt" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_features_bad_folders(work, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, err = exit_code(feature_extraction.main, ["-D", "empty"], capsys)
+    assert code == 2 and len(err) == 1 and "no checkpoints" in err[0]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(work / "ckpt" / "test_resnet_digits_a.pt", mixed / "a.pt")  # a good one comes first
+    torch.save({"weights": torch.zeros(3)}, mixed / "b.pt")
+    code, err = exit_code(feature_extraction.main, ["-D", "mixed", "-S", "50"], capsys)
+    assert code == 2 and len(err) == 1 and "b.pt" in err[0]
+    assert not (tmp_path / "features").exists()
+
+
+# ---------------------------------------------------------------- synthetic features
+
+def synthetic(path, forget, shift=0.0, n_per_class=20, seed=0):
+    """Three well-separated Gaussian classes in 6-d, written as feature_extraction does."""
+    rng = np.random.default_rng(seed)
+    centers = np.eye(3, 6) * 10
+    labels = np.repeat(np.arange(3), n_per_class)
+    feats = centers[labels] + rng.normal(size=(len(labels), 6)) + shift
+    c = forget.get("class_to_forget")
+    record = {"model": "toy", "dataset": "toy", "classes": ["ant", "bee", "cat"], "num_samples": len(labels),
+              "forget": forget, "forget_idx": np.flatnonzero(labels == c).tolist() if c is not None else [],
+              "all_features": feats.tolist(), "all_labels": labels.tolist(), "proto": centers.tolist()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def test_tsne_vis_writes_plots(tmp_path):
+    synthetic(tmp_path / "features/toy/base.json", {})
+    synthetic(tmp_path / "features/toy/unl.json", {"class_to_forget": 1}, seed=1)
+    synthetic(tmp_path / "features/toy2/unl2.json", {"class_to_forget": 1}, shift=1.0, seed=2)
+    r = script("tsne_vis.py", "-S", 50, "--proto", "--folders", "features/toy", "features/toy2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "t-SNE of 2 file(s) that forgot class 1 (bee)" in r.stdout  # embedded jointly
+    for folder, stem in (("toy", "base"), ("toy", "unl"), ("toy2", "unl2")):
+        for kind, ext in (("tsne_2D", "png"), ("tsne_3D", "png"), ("tsne_animated", "gif")):
+            assert (tmp_path / "images" / folder / kind / f"{stem}.{ext}").stat().st_size > 1000
+
+
+def test_embed_shape_and_seed():
+    x = np.random.default_rng(0).normal(size=(40, 5))
+    y = tsne_vis.embed(x, 3, seed=1)
+    assert y.shape == (40, 3) and np.array_equal(y, tsne_vis.embed(x, 3, seed=1))
+
+
+def read_matrix(path):
+    return np.array(json.loads(path.read_text())["matrix"], dtype=float)
+
+
+def test_wasserstein_writes_matrices_and_zero_delta(tmp_path):
+    synthetic(tmp_path / "features/toy/base.json", {})
+    synthetic(tmp_path / "features/toy/unl.json", {"class_to_forget": 1}, seed=1)
+    shutil.copytree(tmp_path / "features/toy", tmp_path / "features/same")
+    r = script("wasserstein.py", "-S", 50, "--folders", "features/toy", "features/same", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "images/toy/wasserstein"
+    for stem in ("base", "unl"):
+        assert all((out / f"{stem}.{ext}").is_file() for ext in ("png", "csv", "json"))
+        m = read_matrix(out / f"{stem}.json")
+        assert m.shape == (3, 3) and np.allclose(m, m.T) and np.all(np.diag(m) == 0) and np.all(m[~np.eye(3, dtype=bool)] > 5)
+        with open(out / f"{stem}.csv") as f:
+            assert next(csv.reader(f)) == ["class", "ant", "bee", "cat"]
+    # same stems pair up: a folder against its copy changes nothing
+    deltas = sorted((tmp_path / "images/same/wasserstein/vs_toy").glob("*.json"))
+    assert [d.stem for d in deltas] == ["base_minus_base", "unl_minus_unl"]
+    assert all(np.all(read_matrix(d) == 0) for d in deltas)
+
+
+def test_ot_distance_known_answers():
+    assert wasserstein.ot_distance([[0.0, 0.0]], [[3.0, 4.0]]) == pytest.approx(5.0)
+    a = np.random.default_rng(0).normal(size=(30, 4))
+    v = np.array([1.0, -2.0, 0.5, 2.0])
+    assert wasserstein.ot_distance(a, a + v) == pytest.approx(np.linalg.norm(v))
+    assert wasserstein.ot_distance(a, a) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_class_distances_symmetric_zero_diagonal():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 3], 10)  # class 2 has no sample
+    d = wasserstein.class_distances(rng.normal(size=(30, 4)) + labels[:, None], labels, 4)
+    assert np.allclose(d[[0, 1, 3]][:, [0, 1, 3]], d[[0, 1, 3]][:, [0, 1, 3]].T)
+    assert np.all(np.diag(d)[[0, 1, 3]] == 0) and np.isnan(d[2]).all()
+    assert d[0, 3] > d[0, 1] > 0
+
+
+def test_bad_features_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    synthetic(tmp_path / "features/toy/a.json", {})
+    (tmp_path / "features/toy/b.json").write_text('{"all_features": [[1, 2]]}')
+    for main in (tsne_vis.main, wasserstein.main):
+        code, err = exit_code(main, ["--folders", "features/toy"], capsys)
+        assert code == 2 and len(err) == 1 and "b.json" in err[0]
+    (tmp_path / "features/toy/b.json").write_text("{not json")
+    code, err = exit_code(wasserstein.main, ["--folders", "features/toy"], capsys)
+    assert code == 2 and len(err) == 1 and "not valid JSON" in err[0]
+    code, err = exit_code(tsne_vis.main, ["--folders", "features/nowhere"], capsys)
+    assert code == 2 and len(err) == 1 and "not found" in err[0]
+    assert not (tmp_path / "images").exists()
+
+
+# ---------------------------------------------------------------- saliency masks
+
+def save_masks(work, run_dir, experiments):
+    """Masks as main.py saves them, computed by methods.saliency_mask on a real checkpoint."""
+    model, config = load_model(work / "ckpt" / "test_resnet_digits_a.pt", "cpu")
+    ds = datasets.load_dataset("digits")
+    for name, cls, thr in experiments:
+        split = datasets.make_split(ds, datasets.ForgetSpec(class_to_forget=cls), seed=0)
+        run = Run(ds, split, 256, make_generator(0, ds.device), compute_for(torch.device("cpu")))
+        mask = saliency_mask(model, run, thr)
+        experiment = {"class_to_forget": cls, "unlearning_rate": None, "idxs_to_forget": None,
+                      "method": "rl_split", "use_mask": True, "mask_thr": thr}
+        save_checkpoint(run_dir / "masks" / f"{name}.pt", mask.keep,
+                        {"name": name, "experiment": experiment, "kept_fraction": mask.kept_fraction})
+
+
+def test_mask_vis_writes_plots(work, tmp_path):
+    save_masks(work, tmp_path, [("cf0_thr0.5", 0, 0.5), ("cf0_thr0.2", 0, 0.2), ("cf3_thr0.5", 3, 0.5)])
+    r = script("mask_vis.py", tmp_path, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in ("mask_layers.png", "mask_overlap.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    with open(tmp_path / "mask_overlap.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["mask", "cf0_thr0.2", "cf0_thr0.5", "cf3_thr0.5"]
+    m = np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+    assert np.allclose(m, m.T) and np.allclose(np.diag(m), 1)
+    # the 0.2 mask keeps the top of the same ranking as the 0.5 one: |A & B| / |A | B| = 0.2 / 0.5
+    assert m[0, 1] == pytest.approx(0.4, abs=1e-3)
+
+
+def test_mask_vis_single_mask_and_bad_input(work, tmp_path, capsys):
+    save_masks(work, tmp_path, [("only", 0, 0.5)])
+    assert mask_vis.plot_run(tmp_path) == [tmp_path / "mask_layers.png"]
+    assert mask_vis.plot_run(tmp_path / "nothing_here") == []
+    code, err = exit_code(mask_vis.main, [str(tmp_path / "nothing_here")], capsys)
+    assert code == 2 and len(err) == 1

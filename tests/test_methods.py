@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+import datasets
+import metrics
+from datasets import ForgetSpec, make_split
+from methods import METHODS, Run, make_optimizer, saliency_mask, select_top
+from utils import compute_for, load_model, make_generator
+
+CPU = torch.device("cpu")
+
+
+def test_select_top_matches_a_brute_force_ranking():
+    scores = torch.rand(10_007, generator=torch.Generator().manual_seed(0))
+    for frac in (0.01, 0.2, 0.5, 0.999):
+        k = math.floor(frac * scores.numel())
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected[scores.argsort(descending=True)[:k]] = True
+        assert torch.equal(select_top(scores, frac), expected)
+
+
+def test_select_top_keeps_exactly_k_when_most_scores_tie():
+    scores = torch.zeros(1000)
+    scores[:100] = torch.arange(1, 101, dtype=torch.float)  # 90% exact zeros, as on 8x8 inputs
+    for frac in (0.05, 0.2, 0.5, 1.0):
+        keep = select_top(scores, frac)
+        assert keep.sum() == math.floor(frac * 1000)
+        assert torch.equal(keep, select_top(scores, frac))  # deterministic
+    keep = select_top(scores, 0.2)
+    assert keep[:100].all()  # every non-zero score is kept before any tie
+
+
+def tiny_run(ds, split, seed=0, batch_size=64):
+    return Run(ds, split, batch_size, make_generator(seed, CPU), compute_for(CPU, bf16=False))
+
+
+def test_mask_keeps_floor_thr_n_entries(ckpts, digits):
+    model, _ = load_model(ckpts["base"], CPU)
+    run = tiny_run(digits, make_split(digits, ForgetSpec(class_to_forget=0)))
+    mask = saliency_mask(model, run, 0.3)
+    n = sum(p.numel() for p in model.parameters())
+    assert sum(int(k.sum()) for k in mask.keep.values()) == math.floor(0.3 * n)
+    assert set(mask.keep) == {name for name, _ in model.named_parameters()}
+    assert 0 <= min(mask.kept_fraction.values()) <= max(mask.kept_fraction.values()) <= 1
+
+
+@pytest.mark.parametrize("method", ["rl_split", "ga"])
+def test_masked_out_weights_are_bit_for_bit_unchanged(ckpts, digits, method):
+    model, _ = load_model(ckpts["base"], CPU)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run = tiny_run(digits, make_split(digits, ForgetSpec(class_to_forget=0)))
+    mask = saliency_mask(model, run, 0.2)
+    opt = make_optimizer(model, 0.1)  # momentum 0.9, weight decay 5e-4
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 5e-4
+    for _ in range(2):
+        METHODS[method].epoch(model, opt, run, mask)
+    changed = 0
+    for n, p in model.named_parameters():
+        frozen = ~mask.keep[n]
+        assert torch.equal(p.detach()[frozen], before[n][frozen]), n
+        changed += int((p.detach() != before[n]).sum())
+    assert changed > 0
+
+
+@pytest.mark.parametrize("method", ["rl", "rl_split", "ga", "ga_small", "ft"])
+def test_each_method_lowers_forget_accuracy(ckpts, digits, method):
+    model, cfg = load_model(ckpts["base"], CPU)
+    split = make_split(digits, ForgetSpec(class_to_forget=0), val_idx=cfg["val_idx"])
+    compute = compute_for(CPU, bf16=False)
+    forget_acc = lambda: metrics.accuracy(metrics.predict(model, digits, split.forget, compute))  # noqa: E731
+    start = forget_acc()
+    run = tiny_run(digits, split)
+    opt = make_optimizer(model, {"ga_small": 0.01}.get(method, 0.1))
+    for _ in range(2):
+        METHODS[method].epoch(model, opt, run)
+    assert forget_acc() < start - 20, method
+
+
+def test_random_labels_never_keep_the_true_label(digits):
+    from methods import random_labels
+    run = tiny_run(digits, make_split(digits, ForgetSpec(class_to_forget=0)))
+    y = torch.randint(0, 10, (5000,))
+    z = random_labels(run, y)
+    assert (z != y).all() and set(z.tolist()) == set(range(10))
+
+
+def test_forget_membership_is_a_lookup_table(digits):
+    split = make_split(digits, ForgetSpec(unlearning_rate=0.1), seed=3)
+    assert split.is_forget.dtype == torch.bool and split.is_forget.shape == digits.y_train.shape
+    assert torch.equal(torch.nonzero(split.is_forget).flatten(), split.forget)
+
+
+def test_method_registry():
+    assert set(METHODS) == {"rl", "rl_split", "ga", "ga_small", "ft", "retrain"}
+    assert METHODS["retrain"].fresh_model and METHODS["ga"].cosine_lr
+    assert datasets.DATASETS.keys() >= {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "digits"}

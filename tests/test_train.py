@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+import datasets
+from conftest import run_script
+from datasets import ForgetSpec
+
+TINY = ("--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "-NL")
+
+
+def train(tmp_path, *extra):
+    r = run_script("train.py", *TINY, "--save-dir", tmp_path, *extra)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_checkpoints_from_train_load_weights_only_and_reproduce_their_split(ckpts, digits):
+    for key, forget_class in (("base", None), ("gold", 0)):
+        ck = torch.load(ckpts[key], weights_only=True)
+        cfg = ck["config"]
+        assert cfg["dataset"] == "digits" and cfg["num_classes"] == 10 and cfg["stem"] == "resnet_deep_stride1"
+        assert cfg["forget"]["class_to_forget"] == forget_class
+        split = datasets.make_split(digits, ForgetSpec(class_to_forget=forget_class), seed=cfg["seed"])
+        assert split.val.tolist() == cfg["val_idx"]  # the same held-out samples when reloaded
+        assert split.forget.tolist() == cfg["forget_idx"]
+        forget_json = json.loads(ckpts[key].with_name(ckpts[key].stem + "_forget.json").read_text())
+        assert forget_json == cfg["forget_idx"] == sorted(forget_json)
+
+
+def test_gold_standard_never_saw_the_class(ckpts):
+    cfg = torch.load(ckpts["gold"], weights_only=True)["config"]
+    assert cfg["metrics"]["test_forgotten_acc"] == 0.0
+    assert cfg["metrics"]["test_top1"] > 50
+
+
+def test_random_forgetting_is_reproducible_and_itf_reuses_it(tmp_path):
+    train(tmp_path, "--unlr", "0.1", "--seed", "1", "--comment", "a")
+    train(tmp_path, "--unlr", "0.1", "--seed", "1", "--comment", "b")
+    a = json.loads((tmp_path / "test_resnet_digits_a_forget.json").read_text())
+    b = json.loads((tmp_path / "test_resnet_digits_b_forget.json").read_text())
+    assert a == b and len(a) == int(0.1 * 1437) and a == sorted(a)
+    r = train(tmp_path, "--itf", tmp_path / "test_resnet_digits_a_forget.json")
+    again = json.loads((tmp_path / "test_resnet_digits_itf_test_resnet_digits_a_forget.json").read_text())
+    assert again == a
+    assert "top-1" in r.stdout
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path):
+    train(tmp_path, "--comment", "x")
+    path = tmp_path / "test_resnet_digits_x.pt"
+    before = path.read_bytes()
+    r = run_script("train.py", *TINY, "--save-dir", tmp_path, "--comment", "x")
+    assert r.returncode == 2 and "--overwrite" in r.stderr and path.read_bytes() == before
+    train(tmp_path, "--comment", "x", "--overwrite", "--seed", "3")
+    assert path.read_bytes() != before
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--cf", "10"), "out of range"),
+    (("--unlr", "1.5"), "outside"),
+    (("--cf", "1", "--unlr", "0.1"), "exactly one"),
+    (("--itf", "missing.json"), "not found"),
+    (("--dataset", "imagenet"), "known: cifar10"),
+    (("--model", "resnet18x"), "unknown model"),
+    (("--epochs", "0"), "positive"),
+])
+def test_bad_arguments_end_in_one_line_and_exit_2(tmp_path, args, message):
+    r = run_script("train.py", *TINY, "--save-dir", tmp_path, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_fashionmnist_from_the_debian_folder_when_installed(tmp_path):
+    folder = "/usr/share/datasets/fashion-mnist"
+    if not datasets._find_idx(folder, "FashionMNIST"):
+        pytest.skip("apt-get install dataset-fashion-mnist to run this")
+    ds = datasets.load_dataset("fashionmnist", folder)
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert ds.y_train.max() == 9
