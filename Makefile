@@ -22,10 +22,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 $(BASE): | $(STAMP)
-	$(PY) train.py --dataset digits --epochs 15 --batch-size 64 --lr 0.1 -NL
+	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 -NL
 
 $(GOLD): | $(STAMP)
-	$(PY) train.py --dataset digits --epochs 15 --batch-size 64 --lr 0.1 --cf 0 -NL
+	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 --cf 0 -NL
 
 demo: $(BASE) $(GOLD)
 	$(PY) base_test.py -c $(BASE) $(GOLD) --no-mia --out output/demo_models.json

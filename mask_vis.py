@@ -122,8 +122,9 @@ def plot_layers(masks, path):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(9, 0.12 * len(names)), 8), dpi=110,
                                       gridspec_kw={"height_ratios": [3, 2], "hspace": 0.45})
     shade_stages(top, [stage_of(n) for n in names])
-    for m, c in zip(masks, colors):
-        top.plot(kept_fractions(m, names), "o-", color=c, markersize=3, linewidth=1, label=f"{m.name}: {m.label}")
+    for i, (m, c) in enumerate(zip(masks, colors)):  # markers tell apart masks that nearly coincide
+        top.plot(kept_fractions(m, names), marker="os^Dv<>"[i % 7], color=c, markersize=3.5, linewidth=1,
+                 alpha=0.85, label=f"{m.name}: {m.label}")
     top.set(xlim=(-0.5, len(names) - 0.5), ylim=(-0.02, 1.02), ylabel="kept fraction",
             xlabel="parameter, in model order")
     top.set_title("Kept fraction per parameter", pad=40)
@@ -136,7 +137,7 @@ def plot_layers(masks, path):
     bottom.set_title("Kept fraction per stage (weighted by entries)")
     fig.legend(*top.get_legend_handles_labels(), loc="lower center", ncol=min(2, len(masks)), fontsize=8,
                frameon=False)
-    fig.subplots_adjust(bottom=0.1 + 0.03 * ((len(masks) + 1) // 2), top=0.88)
+    fig.subplots_adjust(bottom=0.08 + 0.03 * ((len(masks) + 1) // 2), top=0.88)
     atomic_write(path, lambda out: fig.savefig(out, format="png"))
     plt.close(fig)
 
@@ -148,8 +149,7 @@ def plot_overlap(masks, m, path):
     heatmap(ax, m, labels, "magma", 0.0, 1.0, "Jaccard index of kept entries")  # the index's own range
     ax.tick_params(labelsize=7)
     ax.set_title("Overlap of the saliency masks", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda out: fig.savefig(out, format="png"))
+    atomic_write(path, lambda out: fig.savefig(out, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 

@@ -12,10 +12,11 @@ S samples) it writes under images/<path>/wasserstein/:
                                  the delta against a file of an earlier folder
 
 Pairing for the deltas: for every two folders A before B in the list, each file b of B
-is compared with the files a of A found by the first rule that finds any: (1) the same
-checkpoint stem, (2) the same forget target on the same dataset, (3) A's models of that
-dataset that forgot nothing (base models). The delta is D(b) - D(a): positive where b
-holds two classes farther apart than a does.
+is compared with the file of A that has the same checkpoint stem; without one, with
+every file of A (same dataset) that forgot the same thing as b (e.g. the retrained gold
+standard: what is left to close) and every one that forgot nothing (the base model:
+what unlearning changed). The delta is D(b) - D(a): positive where b holds two classes
+farther apart than a does.
 
 Colour scales: the distance heatmaps of one dataset share one scale (so folders compare
 at a glance); the deltas of each two folders share one symmetric scale centred on 0.
@@ -85,12 +86,8 @@ def class_distances(features, labels, num_classes):
 def partners(b, files_a):
     """The files of an earlier folder that b is compared with (see the module docstring)."""
     same_data = [a for a in files_a if a.dataset == b.dataset and len(a.classes) == len(b.classes)]
-    rules = (lambda a: a.stem == b.stem, lambda a: a.target == b.target, lambda a: not a.forget)
-    for rule in rules:
-        found = [a for a in same_data if rule(a)]
-        if found:
-            return found
-    return []
+    same_stem = [a for a in same_data if a.stem == b.stem]
+    return same_stem or [a for a in same_data if a.target == b.target or not a.forget]
 
 
 # ---------------------------------------------------------------- plots and files
@@ -104,7 +101,9 @@ def heatmap(ax, m, labels, cmap, vmin, vmax, colorbar_label, marked=()):
     n = len(labels)
     step = max(1, n // 25)  # at most ~25 tick labels per axis
     ticks = np.arange(0, n, step)
-    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=45 if n > 5 else 0, ha="right" if n > 5 else "center")
+    slant = n > 5 or max(len(label) for label in labels) > 6  # long labels would run into each other
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=40 if slant else 0, ha="right" if slant else "center",
+                  rotation_mode="anchor")
     ax.set_yticks(ticks, [labels[i] for i in ticks])
     for t in ax.get_xticklabels() + ax.get_yticklabels():
         if t.get_text() in marked:
@@ -139,8 +138,7 @@ def save_matrix(base, m, f, title, cmap, vmin, vmax, cbar, extra):
     fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=110)
     heatmap(ax, shown, labels, cmap, vmin, vmax, cbar, marked)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(base.with_suffix(".png"), lambda out: fig.savefig(out, format="png"))
+    atomic_write(base.with_suffix(".png"), lambda out: fig.savefig(out, format="png", bbox_inches="tight"))
     plt.close(fig)
     buf = io.StringIO()
     w = csv.writer(buf)
