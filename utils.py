@@ -293,40 +293,46 @@ def _wandb_reachable(timeout=2.0):
         return False
 
 
+def wandb_mode():
+    """(mode, why) decided once per process: online only with a key and a reachable server."""
+    from dotenv import load_dotenv
+    load_dotenv(override=False)
+    key = os.environ.get("WANDB_SECRET") or os.environ.get("WANDB_API_KEY")
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], None
+    if not key:
+        return "offline", "no API key (set WANDB_SECRET in .env)"
+    if not _wandb_reachable():
+        return "offline", "server not reachable"
+    os.environ["WANDB_API_KEY"] = key
+    return "online", None
+
+
 class Logger:
     """wandb when asked for and reachable, offline wandb otherwise; never a prompt or a hang."""
+
+    mode = None  # decided by the first logger of the process, announced once
 
     def __init__(self, enabled, project, name, config):
         self.run = None
         if enabled:
             self.run = self._start(project, name, config)
 
-    @staticmethod
-    def _start(project, name, config):
+    @classmethod
+    def _start(cls, project, name, config):
         try:
-            from dotenv import load_dotenv
-            load_dotenv(override=False)
-            key = os.environ.get("WANDB_SECRET") or os.environ.get("WANDB_API_KEY")
-            mode = os.environ.get("WANDB_MODE")
-            if mode is None:
-                if not key:
-                    mode, why = "offline", "no API key (set WANDB_SECRET in .env)"
-                elif not _wandb_reachable():
-                    mode, why = "offline", "server not reachable"
-                else:
-                    mode, why = "online", None
-            else:
-                why = f"WANDB_MODE={mode}"
-            if mode == "online":
-                os.environ["WANDB_API_KEY"] = key
+            if cls.mode is None:
+                cls.mode, why = wandb_mode()
+                if why:
+                    print(f"wandb: logging {cls.mode} ({why}); use -NL to turn it off", file=sys.stderr)
+            if cls.mode == "disabled":
+                return None
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
-            run = wandb.init(project=project, name=name, config=config, mode=mode,
-                             settings=wandb.Settings(init_timeout=30, silent=True))
-            if why:
-                print(f"wandb: logging {mode} ({why}); use -NL to turn it off", file=sys.stderr)
-            return run
+            return wandb.init(project=project, name=name, config=config, mode=cls.mode,
+                              settings=wandb.Settings(init_timeout=30, silent=True))
         except Exception as e:  # logging must never stop an experiment
+            cls.mode = "disabled"
             print(f"wandb unavailable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
                   f"results are still written to files", file=sys.stderr)
             return None
