@@ -15,11 +15,12 @@ from pathlib import Path
 import datasets
 import metrics
 from datasets import ForgetSpec
-from utils import UserError, atomic_write_text, cli, compute_for, get_device, load_checkpoint, load_model, timestamp
+from utils import (UserError, atomic_write_text, cli, compute_for, get_device, load_checkpoint, load_model,
+                   timestamp)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy and loss per split, UA/RA/TA/VA, MIAs.")
+    p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy/loss per split, UA/RA/TA/VA, MIAs.")
     p.add_argument("-c", "--checkpoints", nargs="+", required=True)
     p.add_argument("--cf", type=int, default=None, help="evaluate as if forgetting this class")
     p.add_argument("--unlr", type=float, default=None, help="... a random fraction (drawn from --seed)")

@@ -389,6 +389,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
     p.add_argument("--out", default="output", help="parent folder of the run folder")
+    p.add_argument("--name", help="run folder name (default: <time>_<experiment file>); never reused")
     p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
     return p.parse_args(argv)
@@ -428,7 +429,7 @@ def plan(args):
     experiments = resolve(entries, defaults, where, args.data_dir)
     names = experiment_names(experiments)
     label = Path(args.load).stem if args.load else "cli"
-    run_dir = unique_dir(args.out, f"{timestamp()}_{label}")
+    run_dir = unique_dir(args.out, args.name or f"{timestamp()}_{label}")
     atomic_write_text(run_dir / "config.json", json.dumps(
         {"experiments": [asdict(e) for e in experiments], "names": names, "nexp": args.nexp,
          "data_dir": args.data_dir, "command": sys.argv}, indent=2))

@@ -7,8 +7,6 @@
 and one over the test set, cut into splits afterwards. Everything after it is a pure
 function over per-sample CPU tensors.
 """
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -155,6 +153,3 @@ def gap(m, gold):
     g["avg_gap"] = sum(g.values()) / len(GAP_KEYS)
     return g
 
-
-def is_finite(x):
-    return x is not None and not (isinstance(x, float) and (math.isnan(x) or math.isinf(x)))

@@ -92,7 +92,8 @@ def train(args, spec, name, path):
 
     seed_everything(args.seed)
     model, stem = create_model(args.model, num_classes, ds.in_chans, ds.img_size, args.pretrained)
-    model = model.to(device, memory_format=torch.channels_last if compute.channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if compute.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     run = Run(ds, split, args.batch_size, make_generator(args.seed, device), compute)
     train_idx = split.retain  # everything but the forget set and the held-out validation set
     opt = make_optimizer(model, args.lr)
@@ -101,7 +102,8 @@ def train(args, spec, name, path):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15,
                                                 cycle_momentum=False)
     config = {"model": args.model, "dataset": args.dataset, "num_classes": num_classes,
-              "in_chans": ds.in_chans, "img_size": ds.img_size, "n_train": len(ds.y_train), "stem": stem, "seed": args.seed,
+              "in_chans": ds.in_chans, "img_size": ds.img_size, "n_train": len(ds.y_train), "stem": stem,
+              "seed": args.seed,
               "pretrained": args.pretrained, "lr": args.lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "forget": spec.to_config(),
               "forget_idx": split.forget.tolist(), "val_idx": split.val.tolist(), "method": "train"}

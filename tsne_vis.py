@@ -92,10 +92,13 @@ def points_of(f, proto):
 
 
 def embed_jointly(group, dim, proto, seed, n_jobs):
-    """Concatenate the group's points, embed once, split back per file."""
+    """Concatenate the group's points, embed once, split back per file: [(y, bounds)],
+    with the bounds of the whole map, so every file of the group is drawn on the same axes."""
     parts = [points_of(f, proto) for f in group]
     y = embed(np.vstack(parts), dim, seed, n_jobs)
-    return np.split(y, np.cumsum([len(p) for p in parts])[:-1])
+    pad = 0.04 * (y.max(0) - y.min(0))
+    bounds = list(zip(y.min(0) - pad, y.max(0) + pad))
+    return [(part, bounds) for part in np.split(y, np.cumsum([len(p) for p in parts])[:-1])]
 
 
 # ---------------------------------------------------------------- plotting
@@ -140,8 +143,10 @@ def title(f):
             f"forgot {f.forgets}, {len(f.labels)} samples")
 
 
-def figure(f, y, colors, dim):
+def figure(f, embedded, colors):
     """Axes on the left, the legend just right of them (in columns of 25 for many classes)."""
+    y, bounds = embedded
+    dim = y.shape[1]
     handles, names = legend_entries(f, colors, has_proto=len(y) > len(f.labels))
     ncol = 1 + (len(names) - 1) // 25
     width = 0.76 - 0.1 * (ncol - 1)
@@ -150,8 +155,9 @@ def figure(f, y, colors, dim):
     fig.legend(handles, names, loc="center left", bbox_to_anchor=(0.03 + width, 0.45), ncol=ncol,
                fontsize=8 if ncol == 1 else 6, frameon=False, title="class", title_fontsize=9)
     draw(ax, f, y, colors)
-    for axis in ("x", "y", "z")[:dim]:  # t-SNE coordinates carry no meaning
-        getattr(ax, f"set_{axis}ticks")([])
+    for axis, (lo, hi) in zip("xyz", bounds):
+        getattr(ax, f"set_{axis}lim")(lo, hi)
+        getattr(ax, f"set_{axis}ticks")([])  # t-SNE coordinates carry no meaning
     if dim == 3:
         ax.set_box_aspect(None, zoom=1.2)  # the default leaves a wide empty margin around the cube
     fig.suptitle(title(f), fontsize=10)
@@ -181,13 +187,13 @@ def save_gif(fig, ax, path):
         tmp.unlink(missing_ok=True)
 
 
-def plot_file(f, y2, y3, root, gif):
+def plot_file(f, embedded_2d, embedded_3d, root, gif):
     out = Path(root) / relative_name(f.path.parent, FEATURES_ROOT)
     colors = class_colors(len(f.classes))
-    fig, _ = figure(f, y2, colors, 2)
+    fig, _ = figure(f, embedded_2d, colors)
     save_png(fig, out / "tsne_2D" / f"{f.stem}.png")
     plt.close(fig)
-    fig, ax = figure(f, y3, colors, 3)
+    fig, ax = figure(f, embedded_3d, colors)
     ax.view_init(elev=20, azim=45)
     save_png(fig, out / "tsne_3D" / f"{f.stem}.png")
     if gif:
