@@ -27,9 +27,19 @@ $(BASE): | $(STAMP)
 $(GOLD): | $(STAMP)
 	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 --cf 0 -NL
 
+# The demo's run folder and its analysis are rebuilt on every `make demo`.
+DEMO := output/demo
+DEMO_FEATURES := features/checkpoints features/$(DEMO)
+
 demo: $(BASE) $(GOLD)
 	$(PY) base_test.py -c $(BASE) $(GOLD) --no-mia --out output/demo_models.json
-	$(PY) main.py -L exp/demo.json --nexp 3 -NL
+	rm -rf $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)
+	$(PY) main.py -L exp/demo.json --nexp 3 -NL --name demo
+	$(PY) feature_extraction.py -D $(CKPT) -S 500
+	$(PY) feature_extraction.py -D $(DEMO) -S 500
+	$(PY) tsne_vis.py -S 500 --folders $(DEMO_FEATURES)
+	$(PY) wasserstein.py -S 500 --folders $(DEMO_FEATURES)
+	@echo "summary: $(DEMO)/summary.md; plots: $(DEMO)/*.png, images/"
 
 clean-demo:
-	rm -f $(BASE) $(GOLD) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json)
+	rm -rf $(BASE) $(GOLD) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json) $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)

@@ -21,6 +21,7 @@ missing module) gets an `error` instead, and the script exits with status 1.
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -543,13 +544,15 @@ def main(argv=None):
     workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
     print(f"bench: {mode} mode on {device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})", file=sys.stderr, flush=True)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     records = {name: run_row(name, mode, device, workers) for name in names}
     print(table(records))
     if "rte_ratio" in records:
         print(f"rte_ratio = (mask + {UNLEARN_EPOCHS} x rl_split epoch + evaluate) / "
               f"({RETRAIN_EPOCHS} x (retain epoch + val pass) + evaluate), each term measured on digits")
-    print(f"({mode} mode, {device}, {time.perf_counter() - start:.0f}s)")
+    # other work on the machine skews every row: the load average says how much there was
+    print(f"({mode} mode, {device}, {time.perf_counter() - start:.0f}s; 1-min load average "
+          f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores)")
     if args.json:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
     if any("error" in rec for rec in records.values()):

@@ -25,6 +25,7 @@ wasserstein.py load features through it.
 """
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("-D", "--directory", required=True, help="folder of checkpoints, e.g. reduced/base/")
     p.add_argument("-S", "--samples", type=int, default=5000,
                    help="number of training samples to embed (the first S, the same for every checkpoint)")
-    p.add_argument("-B", "--batch-size", type=int, default=500)
+    p.add_argument("-B", "--batch-size", type=int, default=500, help="samples per forward pass")
     p.add_argument("-W", "--num-workers", type=int, default=0,
                    help="accepted for compatibility and ignored: batches are cut from tensors "
                         "already in memory, there is no DataLoader")
@@ -63,8 +64,8 @@ def parse_args(argv=None):
 def relative_name(folder, base="."):
     """`folder` as a relative path: under `base` if inside it, else under the current
     directory, else the absolute path without its anchor. Outputs mirror this."""
-    path = Path(folder).resolve()
-    for root in (Path(base).resolve(), Path.cwd().resolve()):
+    path = Path(os.path.abspath(folder))  # as typed: a symlinked folder keeps its name
+    for root in (Path(os.path.abspath(base)), Path.cwd()):
         if path == root or root in path.parents:
             return path.relative_to(root)
     return path.relative_to(path.anchor)

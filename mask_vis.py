@@ -132,7 +132,8 @@ def plot_layers(masks, path):
     x = np.arange(len(stages))
     for i, (m, c) in enumerate(zip(masks, colors)):
         bottom.bar(x + (i - (len(masks) - 1) / 2) * width, stage_fractions(m, stages), width, color=c)
-    bottom.set_xticks(x, stages, rotation=45 if len(stages) > 8 else 0, ha="right" if len(stages) > 8 else "center")
+    slant = len(stages) > 8  # e.g. a ViT's twelve blocks
+    bottom.set_xticks(x, stages, rotation=45 if slant else 0, ha="right" if slant else "center")
     bottom.set(ylim=(0, 1), ylabel="kept fraction")
     bottom.set_title("Kept fraction per stage (weighted by entries)")
     fig.legend(*top.get_legend_handles_labels(), loc="lower center", ncol=min(2, len(masks)), fontsize=8,

@@ -257,7 +257,9 @@ def load_checkpoint(path):
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise UserError(f"checkpoint {path} refused: it holds objects other than tensors and "
                             f"plain values, and loading it could run code") from None
-        raise UserError(f"checkpoint {path} is corrupted ({str(e).splitlines()[0][:100]})") from None
+        # torch's own text starts with advice to retry with weights_only=False; keep only the reason
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:100]
+        raise UserError(f"checkpoint {path} is truncated or corrupted ({reason})") from None
     except Exception as e:
         raise UserError(f"checkpoint {path} is truncated or corrupted "
                         f"({str(e).splitlines()[0][:100] or type(e).__name__})") from None
@@ -270,11 +272,14 @@ def load_checkpoint(path):
 def unique_dir(parent, name):
     """parent/name, or parent/name-2, -3, ... : a run folder is never reused by accident."""
     parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
     path, k = parent / name, 2
-    while path.exists():
-        path, k = parent / f"{name}-{k}", k + 1
-    path.mkdir(parents=True)
-    return path
+    while True:
+        try:  # mkdir, not exists(): two runs started in the same second must not share a folder
+            path.mkdir()
+            return path
+        except FileExistsError:
+            path, k = parent / f"{name}-{k}", k + 1
 
 
 def timestamp():
@@ -295,8 +300,9 @@ def _wandb_reachable(timeout=2.0):
 
 def wandb_mode():
     """(mode, why) decided once per process: online only with a key and a reachable server."""
-    from dotenv import load_dotenv
-    load_dotenv(override=False)
+    from dotenv import find_dotenv, load_dotenv
+    # usecwd: the .env of the working directory, not of the folder this file lives in
+    load_dotenv(find_dotenv(usecwd=True), override=False)
     key = os.environ.get("WANDB_SECRET") or os.environ.get("WANDB_API_KEY")
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"], None
@@ -306,6 +312,12 @@ def wandb_mode():
         return "offline", "server not reachable"
     os.environ["WANDB_API_KEY"] = key
     return "online", None
+
+
+def _say(line):
+    """One line on stderr, on its own line even while a tqdm bar is drawn."""
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stderr)
 
 
 class Logger:
@@ -324,7 +336,7 @@ class Logger:
             if cls.mode is None:
                 cls.mode, why = wandb_mode()
                 if why:
-                    print(f"wandb: logging {cls.mode} ({why}); use -NL to turn it off", file=sys.stderr)
+                    _say(f"wandb: logging {cls.mode} ({why}); use -NL to turn it off")
             if cls.mode == "disabled":
                 return None
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -333,8 +345,8 @@ class Logger:
                               settings=wandb.Settings(init_timeout=30, silent=True))
         except Exception as e:  # logging must never stop an experiment
             cls.mode = "disabled"
-            print(f"wandb unavailable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
-                  f"results are still written to files", file=sys.stderr)
+            _say(f"wandb unavailable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
+                 f"results are still written to files")
             return None
 
     def log(self, data, step=None):

@@ -60,8 +60,9 @@ def parse_args(argv=None):
 def ot_distance(a, b):
     """Exact 1-Wasserstein distance between two point sets, uniform weights, euclidean cost.
 
-    The same value as scipy's wasserstein_distance_nd, about 440x faster: POT's network
-    simplex instead of a generic linear program.
+    The same value as scipy's wasserstein_distance_nd (to 1e-13) from POT's network
+    simplex instead of a generic linear program: measured 60x faster on two digit
+    classes of ~100 ResNet-18 embeddings (512-d).
     """
     import ot  # imports in seconds; only needed here
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -102,8 +103,8 @@ def heatmap(ax, m, labels, cmap, vmin, vmax, colorbar_label, marked=()):
     step = max(1, n // 25)  # at most ~25 tick labels per axis
     ticks = np.arange(0, n, step)
     slant = n > 5 or max(len(label) for label in labels) > 6  # long labels would run into each other
-    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=40 if slant else 0, ha="right" if slant else "center",
-                  rotation_mode="anchor")
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=40 if slant else 0,
+                  ha="right" if slant else "center", rotation_mode="anchor")
     ax.set_yticks(ticks, [labels[i] for i in ticks])
     for t in ax.get_xticklabels() + ax.get_yticklabels():
         if t.get_text() in marked:
@@ -129,6 +130,19 @@ def class_labels(f):
     return labels, set()
 
 
+def save_numbers(base, m, classes, extra):
+    """base.csv (a table with class names) and base.json (the matrix, NaN as null, plus `extra`)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["class"] + list(classes))
+    for name, row in zip(classes, m):
+        w.writerow([name] + [f"{v:.6g}" for v in row])
+    atomic_write_text(base.with_suffix(".csv"), buf.getvalue())
+    record = {**extra, "classes": list(classes),
+              "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in m]}
+    atomic_write_text(base.with_suffix(".json"), json.dumps(record, indent=1))
+
+
 def save_matrix(base, m, f, title, cmap, vmin, vmax, cbar, extra):
     """base.png (the heatmap), base.csv and base.json (the numbers)."""
     labels, marked = class_labels(f)
@@ -140,14 +154,7 @@ def save_matrix(base, m, f, title, cmap, vmin, vmax, cbar, extra):
     ax.set_title(title, fontsize=10)
     atomic_write(base.with_suffix(".png"), lambda out: fig.savefig(out, format="png", bbox_inches="tight"))
     plt.close(fig)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["class"] + list(f.classes))
-    for name, row in zip(f.classes, m):
-        w.writerow([name] + [f"{v:.6g}" for v in row])
-    atomic_write_text(base.with_suffix(".csv"), buf.getvalue())
-    record = {**extra, "classes": list(f.classes), "matrix": [[None if np.isnan(v) else v for v in row] for row in m]}
-    atomic_write_text(base.with_suffix(".json"), json.dumps(record, indent=1))
+    save_numbers(base, m, f.classes, extra)
 
 
 def off_diagonal_range(matrices):
@@ -168,8 +175,8 @@ def write_distances(by_folder, dists, root):
     scale = {name: off_diagonal_range(ms) for name, ms in by_dataset.items()}
     for folder, files in by_folder.items():
         for f in files:
-            title = (f"Wasserstein distance between classes\n{relative_name(folder, FEATURES_ROOT)}/{f.stem}: "
-                     f"{f.model} on {f.dataset}, forgot {f.forgets}, {len(f.labels)} samples")
+            title = (f"Wasserstein distance between classes\n{relative_name(folder, FEATURES_ROOT)}/"
+                     f"{f.stem}: {f.model} on {f.dataset}, forgot {f.forgets}, {len(f.labels)} samples")
             extra = {"features": str(f.path), "samples": len(f.labels), "forget": f.forget}
             save_matrix(image_dir(f, root) / f.stem, dists[f.path], f, title, "viridis",
                         *scale[f.dataset], "1-Wasserstein distance", extra)

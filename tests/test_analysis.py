@@ -2,32 +2,21 @@
 import csv
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import datasets  # noqa: E402
-import feature_extraction  # noqa: E402
-import mask_vis  # noqa: E402
-import train  # noqa: E402
-import tsne_vis  # noqa: E402
-import wasserstein  # noqa: E402
-from methods import Run, saliency_mask  # noqa: E402
-from utils import cli, compute_for, load_model, make_generator, save_checkpoint  # noqa: E402
+import datasets
+import feature_extraction
+import mask_vis
+import tsne_vis
+import wasserstein
+from conftest import run_script
+from methods import Run, saliency_mask
+from utils import cli, compute_for, load_model, make_generator, save_checkpoint
 
 SAMPLES = 300
-
-
-def script(name, *args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
 
 
 def exit_code(main, argv, capsys):
@@ -38,18 +27,18 @@ def exit_code(main, argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A folder holding two tiny digits checkpoints: a base model and one without class 0."""
+def work(tmp_path_factory, ckpts):
+    """A working folder with ckpt/: the session's tiny base model and its model without class 0."""
     tmp = tmp_path_factory.mktemp("analysis")
-    for extra in (["--comment", "a"], ["--cf", "0"]):
-        train.main(["--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "-NL",
-                    "--save-dir", str(tmp / "ckpt"), *extra])
+    (tmp / "ckpt").mkdir()
+    for name in ("base", "gold"):
+        shutil.copy(ckpts[name], tmp / "ckpt")
     return tmp
 
 
 @pytest.fixture(scope="module")
 def extracted(work):
-    r = script("feature_extraction.py", "-D", "ckpt", "-S", SAMPLES, cwd=work)
+    r = run_script("feature_extraction.py", "-D", "ckpt", "-S", SAMPLES, cwd=work)
     assert r.returncode == 0, r.stderr
     return work / "features" / "ckpt"
 
@@ -58,7 +47,7 @@ def extracted(work):
 
 def test_features_shapes_and_samples(extracted):
     files = sorted(extracted.glob("*.json"))
-    assert [f.stem for f in files] == ["test_resnet_digits_a", "test_resnet_digits_cf0"]
+    assert [f.stem for f in files] == ["test_resnet_digits_base", "test_resnet_digits_cf0"]
     y = datasets.load_dataset("digits").y_train[:SAMPLES]
     for f in files:
         d = json.loads(f.read_text())
@@ -87,7 +76,7 @@ def test_features_bad_folders(work, tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err) == 1 and "no checkpoints" in err[0]
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    shutil.copy(work / "ckpt" / "test_resnet_digits_a.pt", mixed / "a.pt")  # a good one comes first
+    shutil.copy(work / "ckpt" / "test_resnet_digits_base.pt", mixed / "a.pt")  # a good one comes first
     torch.save({"weights": torch.zeros(3)}, mixed / "b.pt")
     code, err = exit_code(feature_extraction.main, ["-D", "mixed", "-S", "50"], capsys)
     assert code == 2 and len(err) == 1 and "b.pt" in err[0]
@@ -114,7 +103,7 @@ def test_tsne_vis_writes_plots(tmp_path):
     synthetic(tmp_path / "features/toy/base.json", {})
     synthetic(tmp_path / "features/toy/unl.json", {"class_to_forget": 1}, seed=1)
     synthetic(tmp_path / "features/toy2/unl2.json", {"class_to_forget": 1}, shift=1.0, seed=2)
-    r = script("tsne_vis.py", "-S", 50, "--proto", "--folders", "features/toy", "features/toy2", cwd=tmp_path)
+    r = run_script("tsne_vis.py", "-S", 50, "--proto", "--folders", "features/toy", "features/toy2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "t-SNE of 2 file(s) that forgot class 1 (bee)" in r.stdout  # embedded jointly
     for folder, stem in (("toy", "base"), ("toy", "unl"), ("toy2", "unl2")):
@@ -136,19 +125,32 @@ def test_wasserstein_writes_matrices_and_zero_delta(tmp_path):
     synthetic(tmp_path / "features/toy/base.json", {})
     synthetic(tmp_path / "features/toy/unl.json", {"class_to_forget": 1}, seed=1)
     shutil.copytree(tmp_path / "features/toy", tmp_path / "features/same")
-    r = script("wasserstein.py", "-S", 50, "--folders", "features/toy", "features/same", cwd=tmp_path)
+    r = run_script("wasserstein.py", "-S", 50, "--folders", "features/toy", "features/same", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "images/toy/wasserstein"
     for stem in ("base", "unl"):
         assert all((out / f"{stem}.{ext}").is_file() for ext in ("png", "csv", "json"))
         m = read_matrix(out / f"{stem}.json")
-        assert m.shape == (3, 3) and np.allclose(m, m.T) and np.all(np.diag(m) == 0) and np.all(m[~np.eye(3, dtype=bool)] > 5)
+        assert m.shape == (3, 3) and np.allclose(m, m.T) and np.all(np.diag(m) == 0)
+        assert np.all(m[~np.eye(3, dtype=bool)] > 5)  # the classes lie ~14 apart
         with open(out / f"{stem}.csv") as f:
             assert next(csv.reader(f)) == ["class", "ant", "bee", "cat"]
     # same stems pair up: a folder against its copy changes nothing
     deltas = sorted((tmp_path / "images/same/wasserstein/vs_toy").glob("*.json"))
     assert [d.stem for d in deltas] == ["base_minus_base", "unl_minus_unl"]
     assert all(np.all(read_matrix(d) == 0) for d in deltas)
+
+
+def test_delta_pairing(tmp_path):
+    for stem, forget in (("base", {}), ("ret", {"class_to_forget": 1}), ("other", {"class_to_forget": 2})):
+        synthetic(tmp_path / "a" / f"{stem}.json", forget)
+    synthetic(tmp_path / "b/unl.json", {"class_to_forget": 1})
+    synthetic(tmp_path / "b/other.json", {"class_to_forget": 2})
+    a = [feature_extraction.read_features(p) for p in sorted((tmp_path / "a").glob("*.json"))]
+    unl, other = (feature_extraction.read_features(tmp_path / f"b/{s}.json") for s in ("unl", "other"))
+    # no file of the same name: the base model and the one that forgot the same thing
+    assert sorted(f.stem for f in wasserstein.partners(unl, a)) == ["base", "ret"]
+    assert [f.stem for f in wasserstein.partners(other, a)] == ["other"]  # the same name wins
 
 
 def test_ot_distance_known_answers():
@@ -187,7 +189,7 @@ def test_bad_features_folders(tmp_path, monkeypatch, capsys):
 
 def save_masks(work, run_dir, experiments):
     """Masks as main.py saves them, computed by methods.saliency_mask on a real checkpoint."""
-    model, config = load_model(work / "ckpt" / "test_resnet_digits_a.pt", "cpu")
+    model, _ = load_model(work / "ckpt" / "test_resnet_digits_base.pt", "cpu")
     ds = datasets.load_dataset("digits")
     for name, cls, thr in experiments:
         split = datasets.make_split(ds, datasets.ForgetSpec(class_to_forget=cls), seed=0)
@@ -201,7 +203,7 @@ def save_masks(work, run_dir, experiments):
 
 def test_mask_vis_writes_plots(work, tmp_path):
     save_masks(work, tmp_path, [("cf0_thr0.5", 0, 0.5), ("cf0_thr0.2", 0, 0.2), ("cf3_thr0.5", 3, 0.5)])
-    r = script("mask_vis.py", tmp_path, cwd=tmp_path)
+    r = run_script("mask_vis.py", tmp_path, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ("mask_layers.png", "mask_overlap.png"):
         assert (tmp_path / name).stat().st_size > 1000
