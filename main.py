@@ -26,7 +26,7 @@ import metrics
 from datasets import ForgetSpec
 from methods import METHODS, Run, make_optimizer, saliency_mask
 from utils import (Logger, UserError, atomic_write_text, cli, compute_for, get_device, load_checkpoint,
-                   make_generator, mean_std, model_from_config, save_checkpoint, seed_everything,
+                   load_model, make_generator, mean_std, model_from_config, save_checkpoint, seed_everything,
                    timestamp, unique_dir)
 
 
@@ -195,22 +195,16 @@ class Context:
 
 def prepare(e, device, cache):
     compute = compute_for(device)
-    ckpt = load_checkpoint(e.checkpoint)
-    cfg = ckpt["config"]
+    base, cfg = load_model(e.checkpoint, device)
     if cfg["dataset"] not in cache:
         cache[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], cache["data_dir"], device)
     ds = cache[cfg["dataset"]]
     split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
-    base = model_from_config(cfg, device)
-    base.load_state_dict(ckpt["state_dict"])
     before = metrics.report(metrics.evaluate(base, ds, split, compute))
     gold = None
     if e.retrained:
-        gold_ckpt = load_checkpoint(e.retrained)
-        model = model_from_config(gold_ckpt["config"], device)
-        model.load_state_dict(gold_ckpt["state_dict"])
-        gold = metrics.report(metrics.evaluate(model, ds, split, compute))
-    return Context(ds, split, cfg, ckpt["state_dict"], before, gold, compute)
+        gold = metrics.report(metrics.evaluate(load_model(e.retrained, device)[0], ds, split, compute))
+    return Context(ds, split, cfg, base.state_dict(), before, gold, compute)
 
 
 def sync(device):
@@ -234,7 +228,7 @@ def unlearn(e, ctx, seed, logger):
     mask = saliency_mask(model, run, e.mask_thr) if e.use_mask else None
     opt = make_optimizer(model, e.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, e.epochs) if method.cosine_lr else None
-    spent, history, diverged_at, last = 0.0, [], None, None
+    spent, history, diverged_at = 0.0, [], None
     for epoch in range(1, e.epochs + 1):
         loss = method.epoch(model, opt, run, mask).item()
         if sched is not None:
@@ -244,12 +238,13 @@ def unlearn(e, ctx, seed, logger):
         if not math.isfinite(loss):
             diverged_at = epoch
             break
-        last = metrics.report(metrics.evaluate(model, ctx.ds, ctx.split, ctx.compute), mia=False)
-        history.append({"epoch": epoch, "loss": loss, **last})
-        logger.log({"loss": loss, **last}, step=epoch)
+        outs = metrics.evaluate(model, ctx.ds, ctx.split, ctx.compute)
+        m = metrics.report(outs, mia=False)
+        history.append({"epoch": epoch, "loss": loss, **m})
+        logger.log({"loss": loss, **m}, step=epoch)
         start = time.perf_counter()
-    if diverged_at is None:
-        final = metrics.report(metrics.evaluate(model, ctx.ds, ctx.split, ctx.compute), seed=seed)
+    if diverged_at is None:  # the last epoch's evaluation, now with the attacks
+        final = metrics.report(outs, seed=seed)
     else:  # the last finite evaluation stands for the run
         final = history[-1] if history else dict(ctx.before)
         final = {k: v for k, v in final.items() if k not in ("epoch", "loss")}
