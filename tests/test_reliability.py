@@ -5,6 +5,7 @@ killed in the middle of a save or of an experiment list, a diverging method, wan
 with no network, run folders, and determinism. Scripts run as subprocesses with the
 working directory in a temporary folder, on conftest's tiny digits checkpoints.
 """
+import csv
 import json
 import math
 import os
@@ -45,8 +46,10 @@ def without_rte(row):
 
 def summary_numbers(run_dir):
     """summary.csv as {(experiment, forget): {column: value}}, RTE columns left out."""
-    head, *rows = [line.split(",") for line in (run_dir / "summary.csv").read_text().splitlines()]
-    return {(r[0], r[3]): {c: v for c, v in zip(head, r) if not c.startswith("rte_s")} for r in rows}
+    with open(run_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {(r["experiment"], r["forget"]): {k: v for k, v in r.items() if not k.startswith("rte_s")}
+            for r in rows}
 
 
 # ---------------------------------------------------------------- files the table builds
@@ -144,9 +147,6 @@ BAD_INPUT = [
     case("main-unlearning-rate-1", "main.py", MAIN_FILE,
          {"exp.json": exp(class_to_forget=DROP, unlearning_rate=1.0)},
          "experiment 0: unlearning_rate: 1.0 outside (0, 1)"),
-    case("main-unlearning-rate-0", "main.py", MAIN_FILE,
-         {"exp.json": exp(class_to_forget=DROP, unlearning_rate=0)},
-         "experiment 0: unlearning_rate: 0 outside (0, 1)"),
     case("main-lr-0", "main.py", MAIN_FILE, {"exp.json": exp(lr=0)}, "experiment 0: lr: must be positive, got 0"),
     case("main-epochs-negative", "main.py", MAIN_FILE, {"exp.json": exp(epochs=-2)},
          "experiment 0: epochs: must be positive, got -2"),
@@ -166,12 +166,8 @@ BAD_INPUT = [
     # main.py, flags and unsafe or damaged checkpoints
     case("main-nexp-0", "main.py", ("-c", "{base}", "-CF", "0", "--nexp", "0", *MAIN_FLAGS), {},
          "--nexp must be at least 1, got 0"),
-    case("main-batch-size-0", "main.py", ("-c", "{base}", "-CF", "0", "--batch-size", "0", *MAIN_FLAGS), {},
-         "--batch-size must be positive, got 0"),
     case("main-flags-class-out-of-range", "main.py", ("-c", "{base}", "-CF", "10", *MAIN_FLAGS), {},
          "command line: experiment 0: class_to_forget: class 10 out of range 0..9"),
-    case("main-flags-two-specs", "main.py", ("-c", "{base}", "-CF", "0", "-UL", "0.1", *MAIN_FLAGS), {},
-         "command line: experiment 0: forget spec: give exactly one"),
     case("main-resume-not-a-run", "main.py", ("--resume", "{tmp}", "-NL"), {}, "is not a run folder (no config.json)"),
     case("main-evil-checkpoint", "main.py", ("-c", "{tmp}/evil.pt", "-CF", "0", *MAIN_FLAGS), {"evil.pt": evil},
          "checkpoint: checkpoint {tmp}/evil.pt refused: it holds objects other than tensors"),
@@ -192,8 +188,6 @@ BAD_INPUT = [
          "checkpoint {tmp}/evil.pt refused"),
     case("base-test-garbled", "base_test.py", ("-c", "{tmp}/garbled.pt", *BASE_TEST), {"garbled.pt": garbled},
          "checkpoint {tmp}/garbled.pt is truncated or corrupted"),
-    case("base-test-truncated", "base_test.py", ("-c", "{tmp}/half.pt", *BASE_TEST), {"half.pt": truncated},
-         "checkpoint {tmp}/half.pt is truncated or corrupted"),
     case("base-test-class-out-of-range", "base_test.py", ("-c", "{base}", "--cf", "10", *BASE_TEST), {},
          "class_to_forget: class 10 out of range 0..9"),
     case("base-test-unlr", "base_test.py", ("-c", "{base}", "--unlr", "1.5", *BASE_TEST), {},
@@ -243,27 +237,40 @@ import sys, torch
 sys.path.insert(0, sys.argv[3])
 from utils import save_checkpoint
 path, version = sys.argv[1], int(sys.argv[2])
+w = torch.empty(12_500_000)  # 50 MB
 while True:
-    save_checkpoint(path, {"w": torch.full((12_500_000,), float(version))}, {"version": version})
+    save_checkpoint(path, {"w": w.fill_(version)}, {"version": version})
     print(version, flush=True)
     version += 1
 """
 
 
+def kill_once_written(child, tmp, size, timeout=120):
+    """SIGKILL `child` as soon as its temporary file holds `size` bytes: in mid-write."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if tmp.stat().st_size >= size:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0005)
+    child.kill()
+    child.wait(timeout=60)
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
-    """A 50 MB checkpoint saved over and over; SIGKILL at three moments; each time the
-    file on disk is one complete version (the last announced one, or one that was
-    renamed into place just before the kill)."""
+    """A 50 MB checkpoint saved over and over, killed after 1 byte, 25 MB and 49 MB of
+    the next version: each time the file is one complete version (the last announced one,
+    or one renamed into place just before the kill)."""
     path, interrupted = tmp_path / "big.pt", []
-    for k, delay in enumerate((0.0, 0.15, 0.4)):
+    for k, size in enumerate((1, 25_000_000, 49_000_000)):
         child = subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(1000 * k), str(ROOT)],
                                  stdout=subprocess.PIPE, text=True, env=dict(os.environ, **FAST))
         try:
             announced = [int(child.stdout.readline())]
-            time.sleep(delay)
         finally:
-            child.kill()
-            child.wait(timeout=60)
+            kill_once_written(child, tmp_path / f".big.pt.{child.pid}.tmp", size)
         announced += [int(x) for x in child.stdout.read().split()]
         temps = list(tmp_path.glob(".big.pt.*.tmp"))
         interrupted.append(bool(temps))
