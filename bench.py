@@ -1,7 +1,7 @@
 """Speed of our pipeline against the way the original toolkit did the same work.
 
-    python bench.py --quick --json bench.json     # < 3 min on 2 CPU cores
-    python bench.py --json bench.json             # full sizes, ~10 min on 2 CPU cores
+    python bench.py --quick --json bench.json     # about 2 min on 2 idle CPU cores
+    python bench.py --json bench.json             # full sizes, about 7-10 min on 2 idle CPU cores
     python bench.py --device cuda --json bench.json
     python bench.py --quick --rows mask_speedup,wasserstein_speedup
     python bench.py --smoke --json /tmp/b.json    # tiny sizes: tests the code paths, not the speed
@@ -13,6 +13,11 @@ the per-repeat ratios. `ours`/`reference` in the table and `ours_s`/`reference_s
 in the JSON are the median seconds one repeat of the work took (the size column
 says what one repeat is). Speedups are reference/ours (higher is better); overhead
 and RTE ratios are ours/reference (lower is better).
+
+--quick shrinks the work (see SIZES), and some ratios move with it: t-SNE's gain is
+larger on fewer points, exact OT's smaller. Other programs running on the machine
+slow every row (two threads per op wait on each other when the cores are shared), so
+the footer gives the load average; compare figures from an idle machine.
 
 The JSON holds one key per row: ours_s, reference_s, ratio, goal, direction
 (">=" or "<="), met, size, note, mode and device. A row that cannot run (say a
@@ -418,7 +423,8 @@ def salun_terms(b):
     from methods import METHODS, saliency_mask
     mask = {}
     mask_s = timed(lambda: mask.update(m=saliency_mask(b.model, b.unlearn_run, 0.5)), b.device)
-    epoch_s = timed(lambda: METHODS["rl_split"].epoch(b.model, b.opt, b.unlearn_run, mask["m"]).item(), b.device)
+    epoch_s = timed(lambda: METHODS["rl_split"].epoch(b.model, b.opt, b.unlearn_run, mask["m"]).item(),
+                    b.device)
     eval_s = timed(lambda: metrics.evaluate(b.model, b.ds, b.split, b.compute), b.device)
     return mask_s, epoch_s, eval_s
 
@@ -522,7 +528,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark our pipeline against the original toolkit's way.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes: under 3 minutes on 2 CPU cores")
-    size.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every row runs, not speed")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny sizes: checks that every row runs, not the speed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     p.add_argument("--workers", type=int, default=None,
