@@ -257,7 +257,7 @@ def load_checkpoint(path):
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise UserError(f"checkpoint {path} refused: it holds objects other than tensors and "
                             f"plain values, and loading it could run code") from None
-        # torch's own text starts with advice to retry with weights_only=False; keep only the reason
+        # torch's own text starts with advice to switch the safe loader off; keep only the reason
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:100]
         raise UserError(f"checkpoint {path} is truncated or corrupted ({reason})") from None
     except Exception as e:
