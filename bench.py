@@ -298,21 +298,10 @@ def original_mask(grads, mask_thr):
     return keep
 
 
-def our_mask(grads, mask_thr):
-    """methods.saliency_mask's selection, past the gradients: one select_top, cut per layer."""
-    from methods import select_top
-    keep_flat = select_top(torch.cat([g.abs().flatten() for g in grads.values()]), mask_thr)
-    keep, start = {}, 0
-    for name, g in grads.items():
-        keep[name] = keep_flat[start:start + g.numel()].view_as(g)
-        start += g.numel()
-    return keep
-
-
 def mask_speedup(size, device, workers):
     """Mask selection over all ResNet-18 parameters from the same forget gradients:
-    methods.select_top (one kthvalue) against the original's double argsort."""
-    from methods import forget_gradients
+    methods.mask_from_gradients (one kthvalue) against the original's double argsort."""
+    from methods import forget_gradients, mask_from_gradients
     from utils import compute_for
 
     compute = compute_for(device)
@@ -323,12 +312,13 @@ def mask_speedup(size, device, workers):
     n = sum(g.numel() for g in grads.values())
 
     def check():  # doubles as the warm-up
-        kept = [sum(int(k.sum()) for k in f(grads, 0.5).values()) for f in (our_mask, original_mask)]
+        ours = mask_from_gradients(grads, 0.5).keep
+        kept = [sum(int(k.sum()) for k in m.values()) for m in (ours, original_mask(grads, 0.5))]
         if kept[0] != kept[1] or kept[0] != int(0.5 * n):
             raise RuntimeError(f"mask sizes differ: ours keeps {kept[0]}, the original {kept[1]} of {n}")
 
-    pairs = alternate(lambda: our_mask(grads, 0.5), lambda: original_mask(grads, 0.5), size["repeats"],
-                      device, check)
+    pairs = alternate(lambda: mask_from_gradients(grads, 0.5), lambda: original_mask(grads, 0.5),
+                      size["repeats"], device, check)
     return summarize(pairs, f"{n / 1e6:.2f}M parameters, mask_thr 0.5, {size['repeats']} repeat(s)",
                      note=f"gradients of {size['forget']} images")
 
@@ -372,8 +362,7 @@ def tsne_speedup(size, device, workers):
     X = (centres[np.arange(n) % NUM_CLASSES] + rng.normal(size=(n, d))).astype(np.float32)
 
     def ours():
-        for dim in (2, 3):
-            embed(X, dim, seed=0)
+        embed(X, (2, 3), seed=0)
 
     def ref():
         for dim in (2, 3):

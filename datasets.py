@@ -56,33 +56,51 @@ class Dataset:
         return self.x_train.device
 
     def to(self, device):
+        """Move to `device`. Images are kept channels-last in memory (logically still
+        N, C, H, W), so a batch reads as (N, H, W, C) rows without a transpose."""
         for field in ("x_train", "y_train", "x_test", "y_test"):
             setattr(self, field, getattr(self, field).to(device))
+        for field in ("x_train", "x_test"):
+            setattr(self, field, getattr(self, field).contiguous(memory_format=torch.channels_last))
         stats = self.x_train.float().div(255)
-        self._mean = stats.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        self._std = stats.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+        mean = stats.mean(dim=(0, 2, 3))
+        std = stats.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        # Normalising is x * scale + shift over rows of W * C values (one image row,
+        # channels interleaved): long contiguous rows vectorise, a channel axis of 3 does not.
+        self._scale = (1 / (255 * std)).repeat(self.img_size)
+        self._shift = (-mean / std).repeat(self.img_size)
         return self
 
     def prepare(self, x, gen=None, augment=False, channels_last=False):
         """uint8 batch -> normalised float batch, randomly cropped/flipped if `augment`."""
-        if augment and self.crop_pad:
-            x = random_crop(x, self.crop_pad, gen)
-        if augment and self.flip:
-            flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        x = (x.float().div_(255) - self._mean) / self._std
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        if augment and (self.crop_pad or self.flip):
+            x = crop_and_flip(x, self.crop_pad, self.flip, gen)
+        else:
+            x = x.permute(0, 2, 3, 1).contiguous()
+        b, h, w, c = x.shape
+        x = x.view(b, h, w * c).float().mul_(self._scale).add_(self._shift).view(b, h, w, c).permute(0, 3, 1, 2)
+        return x if channels_last else x.contiguous()
 
 
-def random_crop(x, pad, gen=None):
-    """Random translation by up to `pad` pixels per sample, zero-filled, as one gather."""
+def crop_and_flip(x, pad, flip, gen=None):
+    """Per sample, a random translation by up to `pad` pixels (zero-filled) and, if
+    `flip`, a horizontal flip with probability 1/2, done together as one gather of
+    whole windows. (N, C, H, W) uint8 in, (N, H, W, C) contiguous out."""
     b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=x.device, generator=gen)
-    rows = (dy + torch.arange(h, device=x.device))[:, :, None]
-    cols = (dx + torch.arange(w, device=x.device))[:, None, :]
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)
+    dev = x.device
+    sample = torch.arange(b, device=dev)
+    x = x.permute(0, 2, 3, 1)
+    dy = dx = torch.zeros(b, dtype=torch.long, device=dev)
+    if pad:
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, b), device=dev, generator=gen)
+        x = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad))
+    if flip:  # a flipped sample reads its window from the mirrored copy of its padded image
+        flipped = torch.rand(b, device=dev, generator=gen) < 0.5
+        x = torch.cat([x, x.flip(2)])
+        sample = torch.where(flipped, sample + b, sample)
+        dx = torch.where(flipped, 2 * pad - dx, dx)
+    windows = x.unfold(1, h, 1).unfold(2, w, 1).permute(0, 1, 2, 4, 5, 3)  # b, dy, dx, h, w, C
+    return windows[sample, dy, dx]
 
 
 # ---------------------------------------------------------------- loading

@@ -194,16 +194,24 @@ class Context:
 
 
 def prepare(e, device, cache):
+    """The experiment's Context. `cache` keeps what experiments share: datasets and the
+    reference evaluations (the same checkpoint on the same split is evaluated once)."""
     compute = compute_for(device)
     base, cfg = load_model(e.checkpoint, device)
     if cfg["dataset"] not in cache:
         cache[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], cache["data_dir"], device)
     ds = cache[cfg["dataset"]]
     split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
-    before = metrics.report(metrics.evaluate(base, ds, split, compute))
-    gold = None
-    if e.retrained:
-        gold = metrics.report(metrics.evaluate(load_model(e.retrained, device)[0], ds, split, compute))
+
+    def evaluated(path, model=None):
+        key = ("report", path, e.checkpoint, repr(e.spec), e.seed)  # what the split depends on
+        if key not in cache:
+            model = model if model is not None else load_model(path, device)[0]
+            cache[key] = metrics.report(metrics.evaluate(model, ds, split, compute))
+        return cache[key]
+
+    before = evaluated(e.checkpoint, base)
+    gold = evaluated(e.retrained) if e.retrained else None
     return Context(ds, split, cfg, base.state_dict(), before, gold, compute)
 
 
@@ -458,8 +466,11 @@ def main(argv=None):
             logger = Logger(not args.no_log, "salun-deepdive", f"{run_dir.name}/{name}/run{k}", asdict(e))
             model, mask, result = unlearn(e, ctx, e.seed + k, logger)
             logger.finish()
-            if k == nexp - 1:
+            if k == nexp - 1 and result["diverged_at"] is None:
                 save_outputs(run_dir, name, e, ctx, model, mask, result)
+            elif k == nexp - 1:  # its weights hold NaN/inf: no checkpoint to analyse
+                print(f"{name}: diverged at epoch {result['diverged_at']}; no checkpoint saved",
+                      file=sys.stderr)
             row = {"experiment": i, "name": name, "run": k, **result}
             with open(results_path, "a") as f:  # one whole line per run, flushed as it ends
                 f.write(json.dumps(row) + "\n")

@@ -54,12 +54,17 @@ def evaluate(model, ds, split, compute, batch_size=1024):
                    batch_size=batch_size)
     outs = {name: take(train, getattr(split, name).cpu()) for name in ("retain", "forget", "val")}
     outs["train"] = take(train, split.train.cpu())
-    outs["test"] = test
-    if split.forget_class is not None:
-        forgotten = test["y"] == split.forget_class
-        outs["test"], outs["test_forgotten"] = take(test, ~forgotten), take(test, forgotten)
-        outs["test_all"] = test
+    outs.update(test_splits(test, split.forget_class))
     return outs
+
+
+def test_splits(test, forget_class=None):
+    """{"test": ...}, or for class forgetting the remaining classes as "test", the
+    forgotten class as "test_forgotten" and both as "test_all"."""
+    if forget_class is None:
+        return {"test": test}
+    forgotten = test["y"] == forget_class
+    return {"test": take(test, ~forgotten), "test_forgotten": take(test, forgotten), "test_all": test}
 
 
 # ---------------------------------------------------------------- pure metrics

@@ -113,7 +113,7 @@ def train(args, spec, name, path):
     bar = tqdm(range(1, args.epochs + 1), desc=name, unit="epoch")
     for epoch in bar:
         loss = sgd_pass(model, opt, run, train_idx, cross_entropy, sched=sched).item()
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
         val_acc = metrics.accuracy(metrics.predict(model, ds, split.val, compute))
         if val_acc > best_acc:
@@ -123,7 +123,8 @@ def train(args, spec, name, path):
         logger.log({"train/loss": loss, "val/acc": val_acc, "lr": sched.get_last_lr()[0]}, step=epoch)
 
     model.load_state_dict(best_state)
-    outs = metrics.evaluate(model, ds, split, compute)
+    test = metrics.predict(model, ds, torch.arange(len(ds.y_test), device=device), compute, test=True)
+    outs = metrics.test_splits(test, split.forget_class)
     result = {"best_epoch": best_epoch, "val_acc": best_acc, "test_top1": metrics.accuracy(outs["test"]),
               "test_top5": metrics.top5_accuracy(outs["test"])}
     if "test_forgotten" in outs:

@@ -45,35 +45,45 @@ def parse_args(argv=None):
     p.add_argument("--proto", action="store_true", help="embed and draw the class prototypes")
     p.add_argument("--no-gif", action="store_true", help="skip the rotating 3D GIF")
     p.add_argument("--seed", type=int, default=0, help="t-SNE seed (the same seed gives the same plots)")
-    p.add_argument("--jobs", type=int, default=1, help="t-SNE threads (more only help on an idle machine)")
+    p.add_argument("--jobs", type=int, default=-1,
+                   help="t-SNE threads (default -1: all cores; on a busy machine 1 is faster)")
     p.add_argument("--out", default=IMAGES_ROOT, help="root of the images tree")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- embedding
 
-def embed(X, dim, seed=0, n_jobs=1):
-    """t-SNE of the rows of X into `dim` (2 or 3) dimensions, deterministic for a seed.
+def embed(X, dims=(2, 3), seed=0, n_jobs=-1):
+    """t-SNE of the rows of X into each of `dims` (2 or 3) dimensions: one array per dim,
+    deterministic for a seed.
 
     openTSNE, measured faster than scikit-learn on 5000 x 512: 18 s vs 31 s in 2D,
-    49 s vs 186 s in 3D. In 2D openTSNE picks its gradient method by size (Barnes-Hut
-    below 10,000 points, where FFT interpolation costs more than it saves; FFT above);
-    3D is always Barnes-Hut, as its FFT method refuses 3D. Rows are L2-normalised
-    first, so neighbours are those of the cosine metric (prototypes, whose scale differs
-    from the features', land by direction) and an all-zero row cannot make a NaN.
-    One thread by default: on a 2-core machine with anything else running, 2 threads
-    were measured 2.5x slower than 1.
+    49 s vs 186 s in 3D. The affinities (nearest neighbours and perplexity calibration)
+    do not depend on the output dimension, so they are computed once for all `dims`.
+    In 2D openTSNE picks its gradient method by size (Barnes-Hut below 10,000 points,
+    where FFT interpolation costs more than it saves; FFT above); 3D is always
+    Barnes-Hut, as its FFT method refuses 3D. Rows are L2-normalised first, so
+    neighbours are those of the cosine metric (prototypes, whose scale differs from the
+    features', land by direction) and an all-zero row cannot make a NaN.
+    All cores by default (3000 x 512 on 2 idle cores: 19 s against 32 s on one); on a
+    2-core machine with anything else running, 2 threads were measured 2.5x slower than 1.
     """
     from openTSNE import TSNE
+    from openTSNE.affinity import PerplexityBasedNN
     X = np.asarray(X, dtype=np.float64)
     if len(X) < 4:
         raise UserError(f"t-SNE needs at least 4 points, got {len(X)}")
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     X = X / np.where(norms > 0, norms, 1.0)
     perplexity = min(30.0, (len(X) - 1) / 3)  # openTSNE needs 3 * perplexity < n
-    tsne = TSNE(n_components=dim, perplexity=perplexity, random_state=seed, n_jobs=n_jobs,
-                negative_gradient_method="auto" if dim == 2 else "bh", verbose=False)
-    return np.asarray(tsne.fit(X))
+    affinities = PerplexityBasedNN(X, perplexity=perplexity, n_jobs=n_jobs, random_state=seed, verbose=False)
+    P, out = affinities.P, []
+    for dim in dims:
+        affinities.P = P.copy()  # exaggeration scales P in place and back, which rounds
+        tsne = TSNE(n_components=dim, random_state=seed, n_jobs=n_jobs, verbose=False,
+                    negative_gradient_method="auto" if dim == 2 else "bh")
+        out.append(np.asarray(tsne.fit(X, affinities=affinities)))
+    return out
 
 
 def joint_groups(by_folder):
@@ -92,14 +102,18 @@ def points_of(f, proto):
     return f.features
 
 
-def embed_jointly(group, dim, proto, seed, n_jobs):
-    """Concatenate the group's points, embed once, split back per file: [(y, bounds)],
-    with the bounds of the whole map, so every file of the group is drawn on the same axes."""
+def embed_jointly(group, proto, seed, n_jobs):
+    """Concatenate the group's points, embed once per dimension (2D, 3D), split back per
+    file: for each file [(y, bounds)] per dimension, with the bounds of the whole map, so
+    every file of the group is drawn on the same axes."""
     parts = [points_of(f, proto) for f in group]
-    y = embed(np.vstack(parts), dim, seed, n_jobs)
-    pad = 0.04 * (y.max(0) - y.min(0))
-    bounds = list(zip(y.min(0) - pad, y.max(0) + pad))
-    return [(part, bounds) for part in np.split(y, np.cumsum([len(p) for p in parts])[:-1])]
+    per_file = [[] for _ in group]
+    for y in embed(np.vstack(parts), (2, 3), seed, n_jobs):
+        pad = 0.04 * (y.max(0) - y.min(0))
+        bounds = list(zip(y.min(0) - pad, y.max(0) + pad))
+        for out, part in zip(per_file, np.split(y, np.cumsum([len(p) for p in parts])[:-1])):
+            out.append((part, bounds))
+    return per_file
 
 
 # ---------------------------------------------------------------- plotting
@@ -210,9 +224,7 @@ def main(argv=None):
     for group in joint_groups(by_folder):
         n = sum(len(points_of(f, args.proto)) for f in group)
         print(f"t-SNE of {len(group)} file(s) that forgot {group[0].forgets} ({n} points)", flush=True)
-        y2 = embed_jointly(group, 2, args.proto, args.seed, args.jobs)
-        y3 = embed_jointly(group, 3, args.proto, args.seed, args.jobs)
-        for f, a, b in zip(group, y2, y3):
+        for f, (a, b) in zip(group, embed_jointly(group, args.proto, args.seed, args.jobs)):
             plot_file(f, a, b, args.out, not args.no_gif)
     print(f"plots under {args.out}/")
 

@@ -113,8 +113,9 @@ def test_tsne_vis_writes_plots(tmp_path):
 
 def test_embed_shape_and_seed():
     x = np.random.default_rng(0).normal(size=(40, 5))
-    y = tsne_vis.embed(x, 3, seed=1)
-    assert y.shape == (40, 3) and np.array_equal(y, tsne_vis.embed(x, 3, seed=1))
+    y2, y3 = tsne_vis.embed(x, (2, 3), seed=1)
+    assert y2.shape == (40, 2) and y3.shape == (40, 3)
+    assert np.array_equal(y3, tsne_vis.embed(x, (3,), seed=1)[0])
 
 
 def read_matrix(path):

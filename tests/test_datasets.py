@@ -117,14 +117,36 @@ def test_missing_dataset_is_one_line_exit_2(tmp_path):
     assert not list(tmp_path.glob("*.pt"))
 
 
-def test_random_crop_and_flip_keep_shape_and_content(digits):
+@pytest.mark.parametrize("pad,flip", [(2, True), (2, False), (0, True), (0, False)])
+def test_crop_and_flip_match_a_per_sample_reference(pad, flip):
+    x = torch.randint(0, 256, (64, 3, 6, 5), dtype=torch.uint8)
+    out = datasets.crop_and_flip(x, pad, flip, torch.Generator().manual_seed(3)).permute(0, 3, 1, 2)
+    g = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    shift = torch.randint(0, 2 * pad + 1, (2, 64), generator=g) if pad else torch.zeros(2, 64, dtype=int)
+    flipped = torch.rand(64, generator=g) < 0.5 if flip else torch.zeros(64, dtype=bool)
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    for i in range(64):
+        dy, dx = int(shift[0, i]), int(shift[1, i])
+        want = padded[i, :, dy:dy + 6, dx:dx + 5]
+        assert torch.equal(out[i], want.flip(2) if flipped[i] else want)
+    assert out.dtype == torch.uint8
+    assert flipped.any() == flip and bool((shift != pad).any()) == bool(pad)
+
+
+def test_prepare_normalises_with_the_training_statistics():
     g = torch.Generator().manual_seed(0)
-    x = digits.x_train[:16]
-    out = datasets.random_crop(x, 1, g)
-    assert out.shape == x.shape and out.dtype == torch.uint8
-    assert torch.equal(datasets.random_crop(x, 0, g), x)
-    b = digits.prepare(x, g, augment=True)
-    assert b.shape == (16, 1, 8, 8) and b.dtype == torch.float32
+    x = torch.randint(0, 256, (500, 3, 4, 6), dtype=torch.uint8, generator=g)
+    ds = datasets.Dataset("toy", x, torch.zeros(500, dtype=torch.long), x[:2], torch.zeros(2, dtype=torch.long),
+                          ["a"], flip=True, crop_pad=1).to("cpu")
+    want = (x.float() / 255 - (x.float() / 255).mean((0, 2, 3), keepdim=True)) \
+        / (x.float() / 255).std((0, 2, 3), keepdim=True)
+    for channels_last in (False, True):
+        got = ds.prepare(ds.x_train, channels_last=channels_last)
+        assert got.shape == x.shape and got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=1e-5)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    aug = ds.prepare(ds.x_train[:16], g, augment=True)
+    assert aug.shape == (16, 3, 4, 6) and aug.is_contiguous()
 
 
 def test_batches_cover_indices_once_and_never_end_in_one(digits):

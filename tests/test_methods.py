@@ -6,19 +6,23 @@ import torch
 import datasets
 import metrics
 from datasets import ForgetSpec, make_split
-from methods import METHODS, Run, make_optimizer, saliency_mask, select_top
+from methods import METHODS, Run, kth_largest, make_optimizer, saliency_mask, select_top
 from utils import compute_for, load_model, make_generator
 
 CPU = torch.device("cpu")
 
 
+def brute_force_top(scores, k):
+    """The k largest by a full stable sort: among equal scores the lowest positions."""
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    expected[scores.sort(descending=True, stable=True).indices[:k]] = True
+    return expected
+
+
 def test_select_top_matches_a_brute_force_ranking():
     scores = torch.rand(10_007, generator=torch.Generator().manual_seed(0))
     for frac in (0.01, 0.2, 0.5, 0.999):
-        k = math.floor(frac * scores.numel())
-        expected = torch.zeros_like(scores, dtype=torch.bool)
-        expected[scores.argsort(descending=True)[:k]] = True
-        assert torch.equal(select_top(scores, frac), expected)
+        assert torch.equal(select_top(scores, frac), brute_force_top(scores, math.floor(frac * 10_007)))
 
 
 def test_select_top_keeps_exactly_k_when_most_scores_tie():
@@ -28,8 +32,25 @@ def test_select_top_keeps_exactly_k_when_most_scores_tie():
         keep = select_top(scores, frac)
         assert keep.sum() == math.floor(frac * 1000)
         assert torch.equal(keep, select_top(scores, frac))  # deterministic
+        assert torch.equal(keep, brute_force_top(scores, math.floor(frac * 1000)))
     keep = select_top(scores, 0.2)
     assert keep[:100].all()  # every non-zero score is kept before any tie
+
+
+@pytest.mark.parametrize("kind", ["continuous", "mostly zero", "few values", "all equal", "sorted"])
+def test_select_top_on_millions_of_scores_agrees_with_a_full_sort(kind):
+    """Above 1M entries the threshold is found through a sampled bracket."""
+    g = torch.Generator().manual_seed(1)
+    n = 1_500_007
+    scores = {"continuous": lambda: torch.randn(n, generator=g).abs(),
+              "mostly zero": lambda: torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.1),
+              "few values": lambda: torch.randint(0, 4, (n,), generator=g).float(),
+              "all equal": lambda: torch.ones(n),
+              "sorted": lambda: torch.linspace(0, 1, n)}[kind]()
+    for frac in (1e-6, 0.2, 0.5, 0.93):
+        k = math.floor(frac * n)
+        assert torch.equal(select_top(scores, frac), brute_force_top(scores, k)), frac
+    assert kth_largest(scores, 12345) == scores.sort(descending=True).values[12344]
 
 
 def tiny_run(ds, split, seed=0, batch_size=64):

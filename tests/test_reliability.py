@@ -407,6 +407,8 @@ def test_diverging_run_is_recorded_and_the_list_goes_on(ckpts, tmp_path):
     last = diverged["metrics"]  # the last finite metrics (here: before unlearning, epoch 1 diverged)
     assert {"UA", "RA", "TA", "VA"} <= set(last) and all(math.isfinite(last[k]) for k in ("UA", "RA", "TA", "VA"))
     assert after["diverged_at"] is None and after["history"]  # the next experiment ran to its end
+    assert not (run_dir / "00_ga_class-0.pt").exists()  # no checkpoint full of NaN
+    assert "00_ga_class-0: diverged" in r.stderr and (run_dir / "01_ft_class-0.pt").is_file()
     summary = summary_numbers(run_dir)
     assert summary[("00_ga_class-0", "class 0")]["diverged"] == f"1/1 (epoch {epoch})"
     assert summary[("01_ft_class-0", "class 0")]["diverged"] == ""
