@@ -9,8 +9,9 @@ tsne_animated/<stem>.gif. Colour = class; black rings = the samples the model fo
 --proto adds the class prototypes (classifier weight rows) as stars.
 
 Files that forgot the same thing on the same dataset (in any of the folders) are
-embedded together, once, and split back, so that their plots share one map and can be
-compared side by side; files that forgot different things get separate maps.
+embedded together, once, and split back, so that their plots come from one map (each
+framed on its own points, as different models land in different parts of it); files
+that forgot different things get separate maps.
 """
 import argparse
 import os
@@ -104,15 +105,15 @@ def points_of(f, proto):
 
 def embed_jointly(group, proto, seed, n_jobs):
     """Concatenate the group's points, embed once per dimension (2D, 3D), split back per
-    file: for each file [(y, bounds)] per dimension, with the bounds of the whole map, so
-    every file of the group is drawn on the same axes."""
+    file: for each file [(y, bounds)] per dimension. One t-SNE for the whole group puts
+    every file's points in one map; different models' features land in different parts
+    of it, so each plot is framed on its own points."""
     parts = [points_of(f, proto) for f in group]
     per_file = [[] for _ in group]
     for y in embed(np.vstack(parts), (2, 3), seed, n_jobs):
-        pad = 0.04 * (y.max(0) - y.min(0))
-        bounds = list(zip(y.min(0) - pad, y.max(0) + pad))
         for out, part in zip(per_file, np.split(y, np.cumsum([len(p) for p in parts])[:-1])):
-            out.append((part, bounds))
+            pad = 0.04 * (part.max(0) - part.min(0))
+            out.append((part, list(zip(part.min(0) - pad, part.max(0) + pad))))
     return per_file
 
 

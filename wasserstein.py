@@ -130,6 +130,11 @@ def class_labels(f):
     return labels, set()
 
 
+def with_ext(base, ext):
+    """base + ext; not Path.with_suffix, which would cut a stem like `01_rl_mask0.2_class-0`."""
+    return base.with_name(base.name + ext)
+
+
 def save_numbers(base, m, classes, extra):
     """base.csv (a table with class names) and base.json (the matrix, NaN as null, plus `extra`)."""
     buf = io.StringIO()
@@ -137,10 +142,10 @@ def save_numbers(base, m, classes, extra):
     w.writerow(["class"] + list(classes))
     for name, row in zip(classes, m):
         w.writerow([name] + [f"{v:.6g}" for v in row])
-    atomic_write_text(base.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(with_ext(base, ".csv"), buf.getvalue())
     record = {**extra, "classes": list(classes),
               "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in m]}
-    atomic_write_text(base.with_suffix(".json"), json.dumps(record, indent=1))
+    atomic_write_text(with_ext(base, ".json"), json.dumps(record, indent=1))
 
 
 def save_matrix(base, m, f, title, cmap, vmin, vmax, cbar, extra):
@@ -152,7 +157,7 @@ def save_matrix(base, m, f, title, cmap, vmin, vmax, cbar, extra):
     fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=110)
     heatmap(ax, shown, labels, cmap, vmin, vmax, cbar, marked)
     ax.set_title(title, fontsize=10)
-    atomic_write(base.with_suffix(".png"), lambda out: fig.savefig(out, format="png", bbox_inches="tight"))
+    atomic_write(with_ext(base, ".png"), lambda out: fig.savefig(out, format="png", bbox_inches="tight"))
     plt.close(fig)
     save_numbers(base, m, f.classes, extra)
 

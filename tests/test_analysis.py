@@ -123,13 +123,15 @@ def read_matrix(path):
 
 
 def test_wasserstein_writes_matrices_and_zero_delta(tmp_path):
+    unl = "01_rl_mask0.2_class-1"  # a dotted stem, as main.py names experiments
     synthetic(tmp_path / "features/toy/base.json", {})
-    synthetic(tmp_path / "features/toy/unl.json", {"class_to_forget": 1}, seed=1)
+    synthetic(tmp_path / f"features/toy/{unl}.json", {"class_to_forget": 1}, seed=1)
     shutil.copytree(tmp_path / "features/toy", tmp_path / "features/same")
     r = run_script("wasserstein.py", "-S", 50, "--folders", "features/toy", "features/same", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "images/toy/wasserstein"
-    for stem in ("base", "unl"):
+    assert len(list(out.iterdir())) == 6
+    for stem in ("base", unl):
         assert all((out / f"{stem}.{ext}").is_file() for ext in ("png", "csv", "json"))
         m = read_matrix(out / f"{stem}.json")
         assert m.shape == (3, 3) and np.allclose(m, m.T) and np.all(np.diag(m) == 0)
@@ -138,7 +140,7 @@ def test_wasserstein_writes_matrices_and_zero_delta(tmp_path):
             assert next(csv.reader(f)) == ["class", "ant", "bee", "cat"]
     # same stems pair up: a folder against its copy changes nothing
     deltas = sorted((tmp_path / "images/same/wasserstein/vs_toy").glob("*.json"))
-    assert [d.stem for d in deltas] == ["base_minus_base", "unl_minus_unl"]
+    assert [d.name for d in deltas] == [f"{unl}_minus_{unl}.json", "base_minus_base.json"]
     assert all(np.all(read_matrix(d) == 0) for d in deltas)
 
 
