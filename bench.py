@@ -48,7 +48,7 @@ SIZES = {
     "full": {
         "seed_pipeline_speedup": dict(batch=128, batches=1, repeats=3),
         "data_path_speedup": dict(images=50_000, batch=128, repeats=3),
-        "data_overhead": dict(batch=128, batches=2, repeats=3),
+        "data_overhead": dict(batch=128, batches=2, repeats=5),
         "mask_speedup": dict(forget=128, repeats=5),
         "wasserstein_speedup": dict(points=500, dims=512, repeats=2),
         "tsne_speedup": dict(points=3000, dims=512, repeats=1),
@@ -300,7 +300,7 @@ def original_mask(grads, mask_thr):
 
 def mask_speedup(size, device, workers):
     """Mask selection over all ResNet-18 parameters from the same forget gradients:
-    methods.mask_from_gradients (one kthvalue) against the original's double argsort."""
+    methods.mask_from_gradients (a selection, no sort) against the original's double argsort."""
     from methods import forget_gradients, mask_from_gradients
     from utils import compute_for
 
