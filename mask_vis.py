@@ -7,7 +7,8 @@ with utils.load_checkpoint: {"state_dict": {parameter: bool tensor}, "config":
 {"name", "experiment", "kept_fraction"}}), and writes into the run folder:
 
     mask_layers.png    kept fraction of every parameter, in model order (top), and of
-                       every stage, weighted by entries (bottom); one colour per mask
+                       every stage, weighted by entries (bottom); one colour per
+                       distinct mask (identical ones are drawn once, named together)
     mask_overlap.png   Jaccard index of the kept entries of every two masks
     mask_overlap.csv   the same numbers (both only when there are two or more masks)
 
@@ -17,6 +18,7 @@ import argparse
 import csv
 import io
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +37,17 @@ from wasserstein import heatmap
 @dataclass
 class SavedMask:
     name: str
-    label: str  # what the experiment forgot, how, and the threshold
+    experiment: dict  # as main.py resolved it
     keep: dict  # parameter name -> bool tensor
 
-
-def describe(experiment):
-    spec = ForgetSpec(**{k: experiment.get(k) for k in ForgetSpec().to_config()})
-    parts = [f"forgets {spec.describe()}", str(experiment.get("method", "?"))]
-    if experiment.get("mask_thr") is not None:
-        parts.append(f"thr {experiment['mask_thr']:g}")
-    return ", ".join(parts)
+    def label(self, method=True):
+        """What the experiment forgot, how (unless method=False), and the threshold."""
+        e = self.experiment
+        spec = ForgetSpec(**{k: e.get(k) for k in ForgetSpec().to_config()})
+        parts = [f"forgets {spec.describe()}"] + ([str(e.get("method", "?"))] if method else [])
+        if e.get("mask_thr") is not None:
+            parts.append(f"thr {e['mask_thr']:g}")
+        return ", ".join(parts)
 
 
 def read_mask(path):
@@ -53,8 +56,7 @@ def read_mask(path):
     if not keep or any(t.dtype != torch.bool for t in keep.values()):
         raise UserError(f"{path} is not a saliency mask (its tensors must be boolean)")
     config = ckpt["config"]
-    experiment = config.get("experiment") or {}
-    return SavedMask(str(config.get("name") or path.stem), describe(experiment), keep)
+    return SavedMask(str(config.get("name") or path.stem), config.get("experiment") or {}, keep)
 
 
 def read_masks(run_dir):
@@ -95,6 +97,26 @@ def jaccard(a, b):
     return both / either if either else float("nan")
 
 
+def same_entries(a, b):
+    return a.keep.keys() == b.keep.keys() and all(torch.equal(a.keep[n], b.keep[n]) for n in a.keep)
+
+
+def distinct(masks):
+    """[(mask, legend label)], one per set of identical masks. A mask depends only on the
+    checkpoint, the forget set and the threshold, so experiments that differ only in the
+    method share it, and their lines would lie on top of each other."""
+    groups = []
+    for m in masks:
+        group = next((g for g in groups if same_entries(g[0], m)), None)
+        if group:
+            group.append(m)
+        else:
+            groups.append([m])
+    return [(g[0], f"{g[0].name}: {g[0].label()}" if len(g) == 1 else
+             f"{len(g)} identical masks ({g[0].label(method=False)}): {', '.join(m.name for m in g)}")
+            for g in groups]
+
+
 def overlap_matrix(masks):
     m = np.eye(len(masks))
     for i in range(len(masks)):
@@ -116,15 +138,18 @@ def shade_stages(ax, stages):
 
 
 def plot_layers(masks, path):
+    """One line (and one bar per stage) per distinct mask."""
+    masks, labels = zip(*distinct(masks))
+    labels = ["\n".join(textwrap.wrap(label, 100)) for label in labels]
     names = list(dict.fromkeys(n for m in masks for n in m.keep))
     stages = list(dict.fromkeys(stage_of(n) for n in names))
     colors = plt.get_cmap("tab10")(np.arange(len(masks)) % 10)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(9, 0.12 * len(names)), 8), dpi=110,
                                       gridspec_kw={"height_ratios": [3, 2], "hspace": 0.45})
     shade_stages(top, [stage_of(n) for n in names])
-    for i, (m, c) in enumerate(zip(masks, colors)):  # markers tell apart masks that nearly coincide
+    for i, (m, c, label) in enumerate(zip(masks, colors, labels)):  # markers: masks that nearly coincide
         top.plot(kept_fractions(m, names), marker="os^Dv<>"[i % 7], color=c, markersize=3.5, linewidth=1,
-                 alpha=0.85, label=f"{m.name}: {m.label}")
+                 alpha=0.85, label=label)
     top.set(xlim=(-0.5, len(names) - 0.5), ylim=(-0.02, 1.02), ylabel="kept fraction",
             xlabel="parameter, in model order")
     top.set_title("Kept fraction per parameter", pad=40)
@@ -136,15 +161,16 @@ def plot_layers(masks, path):
     bottom.set_xticks(x, stages, rotation=45 if slant else 0, ha="right" if slant else "center")
     bottom.set(ylim=(0, 1), ylabel="kept fraction")
     bottom.set_title("Kept fraction per stage (weighted by entries)")
-    fig.legend(*top.get_legend_handles_labels(), loc="lower center", ncol=min(2, len(masks)), fontsize=8,
-               frameon=False)
-    fig.subplots_adjust(bottom=0.08 + 0.03 * ((len(masks) + 1) // 2), top=0.88)
+    ncol = 1 if any("\n" in label for label in labels) else min(2, len(masks))
+    rows = sum(label.count("\n") + 1 for label in labels) if ncol == 1 else (len(masks) + 1) // 2
+    fig.legend(*top.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.subplots_adjust(bottom=0.08 + 0.025 * rows, top=0.88)
     atomic_write(path, lambda out: fig.savefig(out, format="png"))
     plt.close(fig)
 
 
 def plot_overlap(masks, m, path):
-    labels = [f"{k.name}\n({k.label})" for k in masks]
+    labels = [f"{k.name}\n({k.label()})" for k in masks]
     size = max(6.0, 1.1 * len(masks) + 3)
     fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=110)
     heatmap(ax, m, labels, "magma", 0.0, 1.0, "Jaccard index of kept entries")  # the index's own range
