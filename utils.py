@@ -5,6 +5,7 @@ holds plain types only, so it always loads with `torch.load(weights_only=True)`.
 """
 import contextlib
 import functools
+import glob
 import math
 import os
 import pickle
@@ -263,6 +264,7 @@ def atomic_write(path, write, mode="wb"):
     """Write through a temporary file in the same folder, then rename: all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, mode) as f:
@@ -272,6 +274,25 @@ def atomic_write(path, write, mode="wb"):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporaries of `path` that a killed writer left behind (`.name.PID.tmp`
+    whose process is gone); a live writer's temporary is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def atomic_write_text(path, text):

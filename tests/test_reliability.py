@@ -283,6 +283,20 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert any(interrupted), "no kill landed in the middle of a write"
 
 
+def test_the_next_write_removes_a_killed_writers_temporary(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead = int(finished.stdout)
+    stale = tmp_path / f".m.json.{dead}.tmp"  # left by a writer killed mid-write
+    live = tmp_path / f".m.json.{os.getppid()}.tmp"  # a writer still at work
+    other = tmp_path / f".n.json.{dead}.tmp"  # another file's: tidied on that file's next write
+    for t in (stale, live, other):
+        t.write_text("half")
+    utils.atomic_write_text(tmp_path / "m.json", "{}")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "m.json").read_text() == "{}"
+
+
 def test_unique_dir_survives_another_run_starting_in_the_same_second(tmp_path, monkeypatch):
     real_mkdir = Path.mkdir
 
