@@ -2,6 +2,7 @@
 
     python feature_extraction.py -D reduced/base/ -S 5000
     python feature_extraction.py -D output/20261130-101500_classforget -S 1000 --device cpu
+    python feature_extraction.py -D checkpoints output/20261130-101500_classforget -S 1000
 
 For every <folder>/*.pt (train.py's and main.py's checkpoints alike; subfolders such as
 a run's masks/ are not read) this writes features/<folder>/<checkpoint stem>.json with
@@ -46,7 +47,8 @@ CONFIG_KEYS = ("model", "dataset", "num_classes", "in_chans", "img_size")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Embeddings, labels and class prototypes of every "
                                             "checkpoint (<folder>/*.pt) in a folder.")
-    p.add_argument("-D", "--directory", required=True, help="folder of checkpoints, e.g. reduced/base/")
+    p.add_argument("-D", "--directory", required=True, nargs="+",
+                   help="folder(s) of checkpoints, e.g. reduced/base/")
     p.add_argument("-S", "--samples", type=int, default=5000,
                    help="number of training samples to embed (the first S, the same for every checkpoint)")
     p.add_argument("-B", "--batch-size", type=int, default=500, help="samples per forward pass")
@@ -120,7 +122,7 @@ def features_record(path, config, ds, feats, protos, n):
             "proto": np.round(protos.double().numpy(), DECIMALS).tolist()}
 
 
-def check_checkpoints(files, data_dir, device):
+def check_checkpoints(files, data_dir, device, models):
     """Everything that can be wrong, before any file is written: each .pt must be a
     checkpoint whose weights fit its model and whose dataset loads."""
     data = {}
@@ -131,7 +133,7 @@ def check_checkpoints(files, data_dir, device):
             raise UserError(f"{path} is not a SalUn DeepDive checkpoint (config lacks {', '.join(missing)})")
         if config["dataset"] not in data:
             data[config["dataset"]] = datasets.load_dataset(config["dataset"], data_dir, device)
-        model, _ = load_model(path, device)
+        model, _ = load_model(path, device, models)
         prototypes(model)
     return data
 
@@ -142,20 +144,22 @@ def main(argv=None):
         raise UserError("-S/--samples and -B/--batch-size must be positive")
     device = get_device(args.device)
     compute = compute_for(device)
-    files = checkpoint_files(args.directory)
-    data = check_checkpoints(files, args.data_dir, device)
-    out_dir = Path(args.out) / relative_name(args.directory)
+    folders = {folder: checkpoint_files(folder) for folder in dict.fromkeys(args.directory)}
+    models = {}  # one built model per architecture, reloaded per checkpoint
+    data = check_checkpoints([f for files in folders.values() for f in files], args.data_dir, device, models)
     for ds in data.values():
         if len(ds.y_train) < args.samples:
             print(f"{ds.name} has {len(ds.y_train)} training samples; embedding all of them")
-    for path in tqdm(files, desc="checkpoints", unit="ckpt"):
-        model, config = load_model(path, device)
-        ds = data[config["dataset"]]
-        n = min(args.samples, len(ds.y_train))
-        feats = embed_samples(model, ds, n, args.batch_size, compute)
-        record = features_record(path, config, ds, feats, prototypes(model), n)
-        atomic_write_text(out_dir / f"{path.stem}.json", json.dumps(record))
-    print(f"features of {len(files)} checkpoints in {out_dir}")
+    for folder, files in folders.items():
+        out_dir = Path(args.out) / relative_name(folder)
+        for path in tqdm(files, desc="checkpoints", unit="ckpt"):
+            model, config = load_model(path, device, models)
+            ds = data[config["dataset"]]
+            n = min(args.samples, len(ds.y_train))
+            feats = embed_samples(model, ds, n, args.batch_size, compute)
+            record = features_record(path, config, ds, feats, prototypes(model), n)
+            atomic_write_text(out_dir / f"{path.stem}.json", json.dumps(record))
+        print(f"features of {len(files)} checkpoints in {out_dir}")
 
 
 # ---------------------------------------------------------------- reading

@@ -10,6 +10,7 @@ per experiment the unlearned model of its last run (<name>.pt, train.py's format
 its saliency mask (masks/<name>.pt).
 """
 import argparse
+import copy
 import json
 import math
 import re
@@ -24,10 +25,10 @@ from tqdm import tqdm
 import datasets
 import metrics
 from datasets import ForgetSpec
-from methods import METHODS, Run, make_optimizer, saliency_mask
-from utils import (Logger, UserError, atomic_write_text, cli, compute_for, get_device, load_checkpoint,
-                   load_model, make_generator, mean_std, model_from_config, save_checkpoint, seed_everything,
-                   timestamp, unique_dir)
+from methods import METHODS, Run, forget_gradients, make_optimizer, mask_from_gradients
+from utils import (Logger, UserError, atomic_write, atomic_write_text, cli, compute_for, get_device,
+                   load_checkpoint, load_model, make_generator, mean_std, model_from_config, save_checkpoint,
+                   seed_everything, timestamp, unique_dir)
 
 
 @dataclass
@@ -187,17 +188,21 @@ class Context:
     ds: object
     split: object
     base_config: dict
-    base_state: dict
+    base_model: torch.nn.Module  # never trained: each run unlearns a copy
     before: dict
     gold: dict
     compute: object
+    gradients: object  # (model, run) -> SalUn's forget-set gradients, seconds they took
 
 
 def prepare(e, device, cache):
-    """The experiment's Context. `cache` keeps what experiments share: datasets and the
-    reference evaluations (the same checkpoint on the same split is evaluated once)."""
+    """The experiment's Context. `cache` keeps what experiments share: datasets, base
+    models, the reference evaluations (the same checkpoint on the same split is evaluated
+    once) and the forget-set gradients the masks are cut from."""
     compute = compute_for(device)
-    base, cfg = load_model(e.checkpoint, device)
+    if ("model", e.checkpoint) not in cache:
+        cache["model", e.checkpoint] = load_model(e.checkpoint, device)
+    base, cfg = cache["model", e.checkpoint]
     if cfg["dataset"] not in cache:
         cache[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], cache["data_dir"], device)
     ds = cache[cfg["dataset"]]
@@ -210,9 +215,24 @@ def prepare(e, device, cache):
             cache[key] = metrics.report(metrics.evaluate(model, ds, split, compute))
         return cache[key]
 
+    def gradients(model, run):
+        """The base model's gradients depend only on the checkpoint, the forget set and the
+        batch size, so every masked run on them shares one computation and its time (a
+        model trained from scratch has its own)."""
+        key = ("gradients", e.checkpoint, repr(e.spec), e.seed, e.batch_size)
+        if METHODS[e.method].fresh_model or key not in cache:
+            sync(device)
+            start = time.perf_counter()
+            grads = forget_gradients(model, run)
+            sync(device)
+            if METHODS[e.method].fresh_model:
+                return grads, time.perf_counter() - start
+            cache[key] = grads, time.perf_counter() - start
+        return cache[key]
+
     before = evaluated(e.checkpoint, base)
     gold = evaluated(e.retrained) if e.retrained else None
-    return Context(ds, split, cfg, base.state_dict(), before, gold, compute)
+    return Context(ds, split, cfg, base, before, gold, compute, gradients)
 
 
 def sync(device):
@@ -224,19 +244,21 @@ def unlearn(e, ctx, seed, logger):
     """One run; returns (model, mask, result dict). Evaluation time is not part of RTE."""
     device = ctx.ds.device
     seed_everything(seed)
-    model = model_from_config(ctx.base_config, device)
-    if not METHODS[e.method].fresh_model:
-        model.load_state_dict(ctx.base_state)
+    if METHODS[e.method].fresh_model:
+        model = model_from_config(ctx.base_config, device)
+    else:  # a copy, not a new model loaded with the weights: building one costs 0.25 s
+        model = copy.deepcopy(ctx.base_model)
     if ctx.compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     run = Run(ctx.ds, ctx.split, e.batch_size, make_generator(seed, device), ctx.compute)
     method = METHODS[e.method]
+    grads, spent = ctx.gradients(model, run) if e.use_mask else (None, 0.0)  # RTE counts their time
     sync(device)
     start = time.perf_counter()
-    mask = saliency_mask(model, run, e.mask_thr) if e.use_mask else None
+    mask = mask_from_gradients(grads, e.mask_thr).bind(model) if e.use_mask else None
     opt = make_optimizer(model, e.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, e.epochs) if method.cosine_lr else None
-    spent, history, diverged_at = 0.0, [], None
+    history, diverged_at = [], None
     for epoch in range(1, e.epochs + 1):
         loss = method.epoch(model, opt, run, mask).item()
         if sched is not None:
@@ -359,10 +381,8 @@ def plot_summary(path, table):
     ax.set_title("Unlearning: mean ± std over runs")
     ax.legend(ncol=len(keys), fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda out: fig.savefig(out, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- the command line

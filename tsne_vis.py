@@ -14,7 +14,6 @@ framed on its own points, as different models land in different parts of it); fi
 that forgot different things get separate maps.
 """
 import argparse
-import os
 from pathlib import Path
 
 import matplotlib
@@ -22,8 +21,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.animation import PillowWriter
 from matplotlib.lines import Line2D
+from PIL import Image
 
 from feature_extraction import FEATURES_ROOT, read_folders, relative_name
 from utils import UserError, atomic_write, cli
@@ -36,6 +35,7 @@ folders = [
 IMAGES_ROOT = "images"
 GIF_FRAMES = 24
 GIF_DPI = 60
+GIF_FPS = 8
 
 
 def parse_args(argv=None):
@@ -187,20 +187,23 @@ def save_png(fig, path):
 def save_gif(fig, ax, path):
     """A full turn around the vertical axis, small: few frames at low dpi.
 
-    Frames are grabbed by hand rather than through FuncAnimation, which draws each
-    frame twice (measured: half the time).
+    Everything but the 3D axes (title, legend) is drawn once and each frame redraws the
+    axes alone over it: half the time of drawing whole frames, the same pixels.
     """
-    writer = PillowWriter(fps=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.gif")  # renamed at the end: all or nothing
-    try:
-        with writer.saving(fig, tmp, dpi=GIF_DPI):
-            for i in range(GIF_FRAMES):
-                ax.view_init(elev=20, azim=45 + i * 360 / GIF_FRAMES)
-                writer.grab_frame()
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fig.set_dpi(GIF_DPI)
+    canvas = fig.canvas
+    ax.set_visible(False)
+    canvas.draw()
+    background = canvas.copy_from_bbox(fig.bbox)
+    ax.set_visible(True)
+    frames = []
+    for i in range(GIF_FRAMES):
+        ax.view_init(elev=20, azim=45 + i * 360 / GIF_FRAMES)
+        canvas.restore_region(background)
+        ax.draw(canvas.get_renderer())
+        frames.append(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB"))
+    atomic_write(path, lambda out: frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:],
+                                                  duration=1000 // GIF_FPS, loop=0))
 
 
 def plot_file(f, embedded_2d, embedded_3d, root, gif):

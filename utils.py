@@ -246,10 +246,20 @@ def model_from_config(config, device):
     return model.to(device)
 
 
-def load_model(path, device):
-    """(model with the checkpoint's weights, the checkpoint's config)."""
+def load_model(path, device, models=None):
+    """(model with the checkpoint's weights, the checkpoint's config).
+
+    `models`, a dict, keeps one built model per architecture, into which each checkpoint
+    is loaded in turn (building a model costs more than loading its weights); the model
+    returned then holds the last checkpoint's weights only until the next load.
+    """
     ckpt = load_checkpoint(path)
-    model = model_from_config(ckpt["config"], device)
+    cfg = ckpt["config"]
+    arch = (cfg["model"], cfg["num_classes"], cfg["in_chans"], cfg["img_size"])
+    models = {} if models is None else models
+    if arch not in models:
+        models[arch] = model_from_config(cfg, device)
+    model = models[arch]
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -95,8 +95,7 @@ def partners(b, files_a):
 
 def heatmap(ax, m, labels, cmap, vmin, vmax, colorbar_label, marked=()):
     """An annotated matrix; NaN cells grey, labels in `marked` drawn in red."""
-    cmap = plt.get_cmap(cmap).copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap(cmap).with_extremes(bad="0.85")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.figure.colorbar(im, ax=ax, label=colorbar_label, fraction=0.046, pad=0.04)
     n = len(labels)

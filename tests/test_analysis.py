@@ -63,10 +63,18 @@ def test_features_shapes_and_samples(extracted):
 
 
 def test_features_identical_across_runs(work, extracted, monkeypatch):
+    """Also when a second folder shares the process: each checkpoint's file is the same."""
     monkeypatch.chdir(work)
-    feature_extraction.main(["-D", "ckpt", "-S", str(SAMPLES), "--out", "again"])
+    (work / "other").mkdir()
+    shutil.copy(work / "ckpt" / "test_resnet_digits_cf0.pt", work / "other" / "gold.pt")
+    feature_extraction.main(["-D", "ckpt", "other", "-S", str(SAMPLES), "--out", "again"])
     for f in extracted.glob("*.json"):
         assert (work / "again" / "ckpt" / f.name).read_bytes() == f.read_bytes()
+    gold = json.loads((work / "again" / "other" / "gold.json").read_text())
+    assert gold.pop("checkpoint") == "other/gold.pt"
+    same = json.loads((extracted / "test_resnet_digits_cf0.json").read_text())
+    same.pop("checkpoint")
+    assert gold == same
 
 
 def test_features_bad_folders(work, tmp_path, monkeypatch, capsys):
@@ -80,6 +88,11 @@ def test_features_bad_folders(work, tmp_path, monkeypatch, capsys):
     torch.save({"weights": torch.zeros(3)}, mixed / "b.pt")
     code, err = exit_code(feature_extraction.main, ["-D", "mixed", "-S", "50"], capsys)
     assert code == 2 and len(err) == 1 and "b.pt" in err[0]
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(work / "ckpt" / "test_resnet_digits_base.pt", good)
+    code, err = exit_code(feature_extraction.main, ["-D", "good", "mixed", "-S", "50"], capsys)
+    assert code == 2 and len(err) == 1 and "b.pt" in err[0]  # nothing written for the good folder either
     assert not (tmp_path / "features").exists()
 
 

@@ -5,6 +5,11 @@ import pytest
 import torch
 
 from conftest import run_script
+from datasets import ForgetSpec, make_split
+from methods import Run, saliency_mask
+from utils import compute_for, load_model, make_generator
+
+CPU = torch.device("cpu")
 
 
 def write(tmp_path, experiments, name="exp.json"):
@@ -54,6 +59,21 @@ def test_unlearned_checkpoint_has_experiment_and_moves_at_most_mask_thr(finished
     changed = sum(int((ck["state_dict"][k] != base[k]).sum()) for k in params)
     total = sum(base[k].numel() for k in params)
     assert 0 < changed <= 0.2 * total
+
+
+def test_saved_mask_is_the_saliency_mask_of_the_base_model(finished_run, ckpts, digits):
+    """The last run cut its mask from the gradients the first run computed (main.py computes
+    them once per checkpoint, forget set and batch size): the same mask as computed afresh."""
+    run_dir, _ = finished_run
+    saved = torch.load(run_dir / "masks" / "00_rl_split_mask0.2_class-0.pt", weights_only=True)
+    e = saved["config"]["experiment"]
+    model, cfg = load_model(ckpts["base"], CPU)
+    split = make_split(digits, ForgetSpec(class_to_forget=0), seed=e["seed"], val_idx=cfg["val_idx"])
+    compute = compute_for(CPU)
+    model = model.to(memory_format=torch.channels_last) if compute.channels_last else model
+    mask = saliency_mask(model, Run(digits, split, e["batch_size"], make_generator(1, CPU), compute), 0.2)
+    assert saved["state_dict"].keys() == mask.keep.keys()
+    assert all(torch.equal(saved["state_dict"][n], keep) for n, keep in mask.keep.items())
 
 
 def test_resume_of_a_finished_run_does_nothing_more(finished_run):
