@@ -217,17 +217,12 @@ def prepare(e, device, cache):
 
     def gradients(model, run):
         """The base model's gradients depend only on the checkpoint, the forget set and the
-        batch size, so every masked run on them shares one computation and its time (a
-        model trained from scratch has its own)."""
+        batch size, so every masked run on them shares one computation and its time."""
+        if METHODS[e.method].fresh_model:  # a model trained from scratch has its own
+            return timed_gradients(model, run)
         key = ("gradients", e.checkpoint, repr(e.spec), e.seed, e.batch_size)
-        if METHODS[e.method].fresh_model or key not in cache:
-            sync(device)
-            start = time.perf_counter()
-            grads = forget_gradients(model, run)
-            sync(device)
-            if METHODS[e.method].fresh_model:
-                return grads, time.perf_counter() - start
-            cache[key] = grads, time.perf_counter() - start
+        if key not in cache:
+            cache[key] = timed_gradients(model, run)
         return cache[key]
 
     before = evaluated(e.checkpoint, base)
@@ -238,6 +233,15 @@ def prepare(e, device, cache):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_gradients(model, run):
+    """SalUn's forget-set gradients of `model`, and the seconds they took."""
+    sync(run.ds.device)
+    start = time.perf_counter()
+    grads = forget_gradients(model, run)
+    sync(run.ds.device)
+    return grads, time.perf_counter() - start
 
 
 def unlearn(e, ctx, seed, logger):
