@@ -15,8 +15,8 @@ from pathlib import Path
 import datasets
 import metrics
 from datasets import ForgetSpec
-from utils import (UserError, atomic_write_text, cli, compute_for, get_device, load_checkpoint, load_model,
-                   timestamp)
+from utils import (UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_model,
+                   load_model_checkpoint, timestamp)
 
 
 def parse_args(argv=None):
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--cf", type=int, default=None, help="evaluate as if forgetting this class")
     p.add_argument("--unlr", type=float, default=None, help="... a random fraction (drawn from --seed)")
     p.add_argument("--itf", default=None, help="... the indices in this JSON file")
-    p.add_argument("--seed", type=int, default=0, help="draws the --unlr forget set")
+    p.add_argument("--seed", type=int, default=None, help="draws the --unlr forget set (default: the checkpoint's seed)")
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attacks")
     p.add_argument("--out", default=None, help="JSON file (default: output/base_test_<time>.json)")
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
@@ -34,11 +34,11 @@ def parse_args(argv=None):
 
 
 def split_for(ds, cfg, spec, seed):
-    """The checkpoint's own split, unless a forget spec was given."""
+    """The checkpoint's own split, unless a forget spec was given; its validation set always."""
     if spec.is_empty:
         own = ForgetSpec(class_to_forget=cfg["forget"].get("class_to_forget"))
         return datasets.make_split(ds, own, val_idx=cfg["val_idx"], forget_idx=cfg["forget_idx"])
-    return datasets.make_split(ds, spec, seed=seed, val_idx=cfg["val_idx"])
+    return datasets.make_split(ds, spec, seed=cfg["seed"] if seed is None else seed, val_idx=cfg["val_idx"])
 
 
 def evaluate_checkpoint(path, spec, args, device, cache):
@@ -50,7 +50,7 @@ def evaluate_checkpoint(path, spec, args, device, cache):
     if problems:
         raise UserError("\n".join(f"{path}: {key}: {msg}" for key, msg in problems))
     split = split_for(ds, cfg, spec, args.seed)
-    outs = metrics.evaluate(model, ds, split, compute_for(device))
+    outs = metrics.evaluate(model, ds, split, compute_for(device, "fp32"))
     return {"checkpoint": str(path), "dataset": cfg["dataset"], "model": cfg["model"],
             "forget": split.forget_class if split.forget_class is not None else len(split.forget),
             "splits": metrics.split_table(outs), **metrics.report(outs, mia=not args.no_mia)}
@@ -62,7 +62,8 @@ def fmt(v):
 
 def print_table(rows):
     split_names = [s for s in metrics.SPLITS if any(s in r["splits"] for r in rows)]
-    extra = [k for k in ("UA", "RA", "TA", "VA", "TA_forgotten", "MIA", "loss_MIA_AUC", "loss_MIA_forget")
+    extra = [k for k in ("UA", "RA", "TA", "VA", "TA_forgotten", "VA_forgotten", "MIA", "loss_MIA_AUC",
+                         "loss_MIA_forget")
              if any(k in r for r in rows)]
     head = ["checkpoint"] + [f"{s} acc/loss" for s in split_names] + extra
     body = [[Path(r["checkpoint"]).stem] +
@@ -80,12 +81,13 @@ def main(argv=None):
     if problems:
         raise UserError("\n".join(f"{key}: {msg}" for key, msg in problems))
     for path in args.checkpoints:
-        load_checkpoint(path)  # every checkpoint checked before any is evaluated
+        load_model_checkpoint(path)  # every checkpoint checked before any is evaluated
+    out = Path(args.out or f"output/base_test_{timestamp()}.json")
+    check_writable(out.parent, "--out folder")
     device = get_device(args.device)
     cache = {}
     rows = [evaluate_checkpoint(path, spec, args, device, cache) for path in args.checkpoints]
     print_table(rows)
-    out = Path(args.out or f"output/base_test_{timestamp()}.json")
     atomic_write_text(out, json.dumps(rows, indent=2))
     print(f"written: {out}")
 

@@ -5,7 +5,7 @@ tensor, moved to the compute device once. Batches are cut by indexing and augmen
 as whole batches on that device: no per-sample PIL transforms, no DataLoader.
 
     ds = load_dataset("digits")
-    split = make_split(ds, ForgetSpec(class_to_forget=0), seed=0)
+    split = make_split(ds, ForgetSpec(class_to_forget=0), seed=0)   # val from the seed, then forget
     for x, y, i in batches(ds, split.retain, 64, gen=torch.Generator().manual_seed(0)):
         ...
 
@@ -302,24 +302,44 @@ def read_index_file(path, n_train):
     return torch.tensor(sorted(idx), dtype=torch.long)
 
 
-def forget_indices(spec, y_train, seed):
-    """The sorted training indices a spec names; a random fraction is drawn from `seed` alone."""
-    y = y_train.cpu()
+def validation_indices(n_train, seed, fraction=VAL_FRACTION):
+    """The held-out validation set: drawn from the whole training set, from the seed alone,
+    so every model of one dataset and seed holds out the same samples, whatever it forgets."""
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + 1))
+    return perm[:int(fraction * n_train)].sort().values
+
+
+def forget_indices(spec, y_train, seed, in_val):
+    """The sorted training indices a spec names, all outside the validation set `in_val`
+    (a bool table): a class's non-validation samples, a fraction of the non-validation
+    samples drawn from `seed` alone, or an index file, which may not name a validation sample."""
+    y, in_val = y_train.cpu(), in_val.cpu()
     if spec.class_to_forget is not None:
-        return torch.nonzero(y == spec.class_to_forget).flatten()
+        return torch.nonzero((y == spec.class_to_forget) & ~in_val).flatten()
     if spec.unlearning_rate is not None:
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        return perm[:int(spec.unlearning_rate * len(y))].sort().values
+        pool = torch.nonzero(~in_val).flatten()
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+        return pool[perm[:int(spec.unlearning_rate * len(pool))]].sort().values
     if spec.idxs_to_forget is not None:
-        return read_index_file(spec.idxs_to_forget, len(y))
+        idx = read_index_file(spec.idxs_to_forget, len(y))
+        check_outside_validation(idx, in_val, f"index file {spec.idxs_to_forget}")
+        return idx
     return torch.zeros(0, dtype=torch.long)
+
+
+def check_outside_validation(forget, in_val, what):
+    clash = forget[in_val.cpu()[forget]]
+    if len(clash):
+        raise UserError(f"{what} names {len(clash)} validation sample(s) of this model (e.g. index "
+                        f"{int(clash[0])}); a forget set holds training samples only")
 
 
 @dataclass
 class Split:
     forget: torch.Tensor  # sorted int64 training indices
     retain: torch.Tensor
-    val: torch.Tensor
+    val: torch.Tensor  # validation samples (of the remaining classes, for class forgetting)
+    val_forgotten: torch.Tensor  # validation samples of the forgotten class (empty otherwise)
     is_forget: torch.Tensor  # bool lookup tables over the training set
     in_val: torch.Tensor
     forget_class: int = None
@@ -330,31 +350,37 @@ class Split:
         return torch.nonzero(~self.in_val).flatten()
 
     def to(self, device):
-        for field in ("forget", "retain", "val", "is_forget", "in_val"):
+        for field in ("forget", "retain", "val", "val_forgotten", "is_forget", "in_val"):
             setattr(self, field, getattr(self, field).to(device))
         return self
 
 
-def make_split(ds, spec, seed=0, val_idx=None, forget_idx=None, val_fraction=VAL_FRACTION):
-    """forget from the spec; val drawn (seeded) from the rest unless given; retain = the remainder.
+def as_flags(idx, n):
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[torch.as_tensor(idx, dtype=torch.long)] = True
+    return flags
 
-    `val_idx` (and `forget_idx`) come from a checkpoint, so every script uses that
-    model's own held-out samples; any of them in the forget set stays a forget sample.
+
+def make_split(ds, spec, seed=0, val_idx=None, forget_idx=None):
+    """Validation drawn from `seed` alone (or a checkpoint's `val_idx`), then the forget set
+    from the samples outside it (or a checkpoint's `forget_idx`); retain is the rest.
+
+    A checkpoint's indices make every script use that model's own held-out samples.
     """
     n = len(ds.y_train)
-    forget = (forget_indices(spec, ds.y_train, seed) if forget_idx is None
-              else torch.as_tensor(forget_idx, dtype=torch.long))
-    is_forget = torch.zeros(n, dtype=torch.bool)
-    is_forget[forget] = True
-    if val_idx is None:
-        rest = torch.nonzero(~is_forget).flatten()
-        perm = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 1))
-        val_idx = rest[perm[:int(val_fraction * len(rest))]]
-    in_val = torch.zeros(n, dtype=torch.bool)
-    in_val[torch.as_tensor(val_idx, dtype=torch.long)] = True
+    in_val = as_flags(validation_indices(n, seed) if val_idx is None else val_idx, n)
+    if forget_idx is None:
+        forget = forget_indices(spec, ds.y_train, seed, in_val)
+    else:
+        forget = torch.as_tensor(forget_idx, dtype=torch.long)
+        check_outside_validation(forget, in_val, "the forget set")
+    is_forget = as_flags(forget, n)
+    of_class = (ds.y_train.cpu() == spec.class_to_forget) if spec.class_to_forget is not None \
+        else torch.zeros(n, dtype=torch.bool)
     split = Split(forget=forget,
                   retain=torch.nonzero(~is_forget & ~in_val).flatten(),
-                  val=torch.nonzero(in_val & ~is_forget).flatten(),
+                  val=torch.nonzero(in_val & ~of_class).flatten(),
+                  val_forgotten=torch.nonzero(in_val & of_class).flatten(),
                   is_forget=is_forget, in_val=in_val,
                   forget_class=spec.class_to_forget)
     return split.to(ds.device)

@@ -96,13 +96,12 @@ def prototypes(model):
 
 @torch.no_grad()
 def embed_samples(model, ds, n, batch_size, compute):
-    """Penultimate embeddings of training samples 0..n-1, in order, as an n x D tensor."""
+    """Penultimate embeddings of training samples 0..n-1, in order, as an n x D tensor (fp32)."""
     model.eval()
     parts = []
     idx = torch.arange(n, device=ds.device)
     for x, _, _ in datasets.batches(ds, idx, batch_size, channels_last=compute.channels_last):
-        with compute.autocast():
-            z = model.forward_head(model.forward_features(x), pre_logits=True)
+        z = model.forward_head(model.forward_features(x), pre_logits=True)
         parts.append(z.float().flatten(1).cpu())
     return torch.cat(parts)
 
@@ -143,7 +142,7 @@ def main(argv=None):
     if args.samples < 1 or args.batch_size < 1:
         raise UserError("-S/--samples and -B/--batch-size must be positive")
     device = get_device(args.device)
-    compute = compute_for(device)
+    compute = compute_for(device, "fp32")
     folders = {folder: checkpoint_files(folder) for folder in dict.fromkeys(args.directory)}
     models = {}  # one built model per architecture, reloaded per checkpoint
     data = check_checkpoints([f for files in folders.values() for f in files], args.data_dir, device, models)

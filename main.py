@@ -16,6 +16,7 @@ import math
 import re
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -25,9 +26,11 @@ from tqdm import tqdm
 import datasets
 import metrics
 from datasets import ForgetSpec
-from methods import METHODS, Run, forget_gradients, make_optimizer, mask_from_gradients
-from utils import (Logger, UserError, atomic_write, atomic_write_text, cli, compute_for, get_device,
-                   load_checkpoint, load_model, make_generator, mean_std, model_from_config, save_checkpoint,
+from methods import (METHODS, Run, cross_entropy, forget_gradients, make_optimizer, mask_from_gradients,
+                     sgd_pass)
+from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write, atomic_write_text,
+                   check_writable, cli, compute_for, default_precision, device_name, get_device, load_model,
+                   load_model_checkpoint, make_generator, mean_std, model_from_config, save_checkpoint,
                    seed_everything, timestamp, unique_dir)
 
 
@@ -69,6 +72,7 @@ KEYS = {f.name: f for f in fields(Experiment)}
 TYPES = {"checkpoint": str, "class_to_forget": int, "unlearning_rate": float, "idxs_to_forget": str,
          "use_mask": bool, "mask_thr": float, "lr": float, "epochs": int, "method": str, "tag": str,
          "retrained": str, "seed": int, "batch_size": int}
+FORGET_KEYS = ("class_to_forget", "unlearning_rate", "idxs_to_forget")
 
 
 # ---------------------------------------------------------------- reading and checking experiments
@@ -81,7 +85,11 @@ def type_problem(key, value):
           isinstance(value, int) and not isinstance(value, bool) if want is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
           isinstance(value, want))
-    return None if ok else f"expected {want.__name__}, got {json.dumps(value)}"
+    if not ok:
+        return f"expected {want.__name__}, got {json.dumps(value)}"
+    if want is float and not math.isfinite(value):
+        return f"must be a finite number, got {json.dumps(value)}"
+    return None
 
 
 def range_problems(e):
@@ -93,10 +101,6 @@ def range_problems(e):
     for key in ("lr", "epochs", "batch_size"):
         if getattr(e, key) <= 0:
             out.append((key, f"must be positive, got {getattr(e, key)}"))
-    given = [k for k, v in e.spec.to_config().items() if v is not None]
-    if len(given) != 1:
-        out.append(("forget spec", f"give exactly one of class_to_forget, unlearning_rate, idxs_to_forget "
-                                   f"(got {', '.join(given) or 'none'})"))
     return out
 
 
@@ -109,7 +113,7 @@ class Checker:
 
     def config(self, path):
         if path not in self.configs:
-            self.configs[path] = load_checkpoint(path)["config"]
+            self.configs[path] = load_model_checkpoint(path)["config"]
         return self.configs[path]
 
     def train_labels(self, name):
@@ -118,15 +122,23 @@ class Checker:
         return self.labels[name]
 
     def problems(self, e):
+        out = []
+        given = [k for k, v in e.spec.to_config().items() if v is not None]
+        if len(given) != 1:
+            out.append(("forget spec", f"give exactly one of {', '.join(FORGET_KEYS)} "
+                                       f"(got {', '.join(given) or 'none'})"))
         try:
             cfg = self.config(e.checkpoint)
         except UserError as err:
-            return [("checkpoint", str(err))]
+            return out + [("checkpoint", str(err))]
+        if out:
+            return out
         out = e.spec.problems(cfg["num_classes"])
         if out:
             return out
+        labels = self.train_labels(cfg["dataset"])
         try:
-            forget = datasets.forget_indices(e.spec, self.train_labels(cfg["dataset"]), e.seed)
+            forget = datasets.forget_indices(e.spec, labels, e.seed, datasets.as_flags(cfg["val_idx"], len(labels)))
         except UserError as err:
             return [("idxs_to_forget", str(err))]
         if e.retrained is not None:
@@ -141,10 +153,12 @@ class Checker:
         if gold["dataset"] != cfg["dataset"]:
             return [("retrained", f"{e.retrained} was trained on {gold['dataset']}, "
                                   f"the checkpoint on {cfg['dataset']}")]
-        if gold.get("forget_idx") != forget.tolist():
-            return [("retrained", f"{e.retrained} was trained without a different forget set "
-                                  f"({len(gold.get('forget_idx', []))} samples, this experiment forgets "
-                                  f"{len(forget)}: {e.spec.describe()})")]
+        if gold["val_idx"] != cfg["val_idx"]:
+            return [("retrained", f"{e.retrained} holds out another validation set than {e.checkpoint} "
+                                  f"(seeds {gold['seed']} and {cfg['seed']}); train both with one --seed")]
+        if gold["forget_idx"] != forget.tolist():
+            return [("retrained", f"{e.retrained} was retrained without {len(gold['forget_idx'])} samples, "
+                                  f"not the {len(forget)} this experiment forgets ({e.spec.describe()})")]
         return []
 
 
@@ -155,16 +169,15 @@ def resolve(entries, defaults, where, data_dir):
     problems, experiments, checker = [], [], Checker(data_dir)
     for i, entry in enumerate(entries):
         here = f"{where}: experiment {i}"
-        bad = [f"{here}: unknown key {k!r} (known: {', '.join(KEYS)})" for k in entry if k not in KEYS]
-        bad += [f"{here}: {k}: {msg}" for k, v in entry.items() if k in KEYS
-                for msg in [type_problem(k, v)] if msg]
-        if bad:
-            problems += bad
-            continue
-        e = Experiment(**{**defaults, **entry})
+        bad = {k: f"unknown key {k!r} (known: {', '.join(KEYS)})" for k in entry if k not in KEYS}
+        bad.update({k: msg for k, v in entry.items() if k in KEYS for msg in [type_problem(k, v)] if msg})
+        problems += [f"{here}: {msg}" if k not in KEYS else f"{here}: {k}: {msg}" for k, msg in bad.items()]
+        # The rest of the experiment is still checked, with defaults in place of the bad values;
+        # what depends on a bad checkpoint or forget key is not (it would only repeat the problem).
+        e = Experiment(**{**defaults, **{k: v for k, v in entry.items() if k not in bad}})
         local = range_problems(e)
-        if not local:
-            local = checker.problems(e)
+        if not set(bad) & {"checkpoint", "retrained", "seed", *FORGET_KEYS}:
+            local += checker.problems(e)
         problems += [f"{here}: {key}: {msg}" for key, msg in local]
         experiments.append(e)
     if problems:
@@ -195,11 +208,12 @@ class Context:
     gradients: object  # (model, run) -> SalUn's forget-set gradients, seconds they took
 
 
-def prepare(e, device, cache):
+def prepare(e, compute, cache):
     """The experiment's Context. `cache` keeps what experiments share: datasets, base
     models, the reference evaluations (the same checkpoint on the same split is evaluated
-    once) and the forget-set gradients the masks are cut from."""
-    compute = compute_for(device)
+    once), the forget-set gradients the masks are cut from, and which (checkpoint,
+    method, batch size) has been warmed up."""
+    device = compute.device
     if ("model", e.checkpoint) not in cache:
         cache["model", e.checkpoint] = load_model(e.checkpoint, device)
     base, cfg = cache["model", e.checkpoint]
@@ -227,7 +241,26 @@ def prepare(e, device, cache):
 
     before = evaluated(e.checkpoint, base)
     gold = evaluated(e.retrained) if e.retrained else None
-    return Context(ds, split, cfg, base, before, gold, compute, gradients)
+    ctx = Context(ds, split, cfg, base, before, gold, compute, gradients)
+    if ("warm", e.checkpoint, e.method, e.batch_size) not in cache:
+        warm_up(e, ctx)
+        cache["warm", e.checkpoint, e.method, e.batch_size] = True
+    return ctx
+
+
+def warm_up(e, ctx):
+    """A step at every batch shape an epoch can see, on a throwaway copy, so that one-time
+    costs (allocator growth, kernel selection per shape) are paid before any run's clock
+    starts."""
+    model = model_from_config(ctx.base_config, ctx.ds.device) if METHODS[e.method].fresh_model \
+        else copy.deepcopy(ctx.base_model)
+    model = model.to(memory_format=torch.channels_last) if ctx.compute.channels_last else model
+    run = Run(ctx.ds, ctx.split, e.batch_size, make_generator(0, ctx.ds.device), ctx.compute)
+    opt = make_optimizer(model, 0.0)
+    for idx in (ctx.split.forget, ctx.split.retain, ctx.split.train):
+        for n in {min(e.batch_size, len(idx)), len(idx) % e.batch_size}:
+            if n > 1:
+                sgd_pass(model, opt, run, idx[:n], cross_entropy)
 
 
 def sync(device):
@@ -245,7 +278,11 @@ def timed_gradients(model, run):
 
 
 def unlearn(e, ctx, seed, logger):
-    """One run; returns (model, mask, result dict). Evaluation time is not part of RTE."""
+    """One run; returns (model, mask, result dict). Evaluation time is not part of RTE.
+
+    A run whose loss becomes NaN or infinite stops there; its result has no metrics
+    (`diverged_at` says when), so no mean ever includes it.
+    """
     device = ctx.ds.device
     seed_everything(seed)
     if METHODS[e.method].fresh_model:
@@ -262,7 +299,7 @@ def unlearn(e, ctx, seed, logger):
     mask = mask_from_gradients(grads, e.mask_thr).bind(model) if e.use_mask else None
     opt = make_optimizer(model, e.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, e.epochs) if method.cosine_lr else None
-    history, diverged_at = [], None
+    history, diverged_at, final = [], None, None
     for epoch in range(1, e.epochs + 1):
         loss = method.epoch(model, opt, run, mask).item()
         if sched is not None:
@@ -278,24 +315,26 @@ def unlearn(e, ctx, seed, logger):
         logger.log({"loss": loss, **m}, step=epoch)
         start = time.perf_counter()
     if diverged_at is None:  # the last epoch's evaluation, now with the attacks
-        final = metrics.report(outs, seed=seed)
-    else:  # the last finite evaluation stands for the run
-        final = history[-1] if history else dict(ctx.before)
-        final = {k: v for k, v in final.items() if k not in ("epoch", "loss")}
+        final = metrics.report(outs)
     result = {"seed": seed, "metrics": final, "rte_s": spent, "diverged_at": diverged_at,
-              "mask_fraction": mask.total_fraction if mask else 1.0, "history": history}
-    if ctx.gold and diverged_at is None:
+              "mask_fraction": mask.total_fraction if mask else 1.0,
+              "mask_zero_fraction": mask.zero_fraction if mask else None, "history": history}
+    if ctx.gold and final is not None:
         result["gap"] = metrics.gap(final, ctx.gold)
     return model, mask, result
 
 
 # ---------------------------------------------------------------- results
 
-SUMMARY_KEYS = ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "avg_gap", "rte_s", "mask_fraction")
+SUMMARY_KEYS = ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "avg_gap", "rte_s", "mask_fraction",
+                "mask_zero_fraction")
+CSV_ONLY_KEYS = ("TA_forgotten", "VA_forgotten", "loss_MIA_forget", "UA_gap", "RA_gap", "TA_gap", "MIA_gap")
+BEATS = "beats_do_nothing"
 
 
-def read_results(path):
-    """Finished runs; a half-written last line (an interrupted write) is reported and dropped."""
+def read_results(path, run_id):
+    """Finished runs; a half-written last line (an interrupted write) is reported and dropped.
+    Lines written for another run folder's config are refused: they would be mislabelled."""
     if not path.exists():
         return []
     rows, lines = [], path.read_text().splitlines()
@@ -304,6 +343,10 @@ def read_results(path):
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             print(f"note: ignoring unreadable line {k + 1} of {path} (an interrupted write)", file=sys.stderr)
+    foreign = [r for r in rows if not isinstance(r, dict) or r.get("run_id") != run_id]
+    if foreign:
+        raise UserError(f"{path} holds {len(foreign)} result line(s) of another run (run_id differs from "
+                        f"config.json's); resume the folder they came from, or start a new run")
     if len(rows) != len([ln for ln in lines if ln.strip()]):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -313,59 +356,98 @@ def flat(row):
     m = dict(row["metrics"])
     m.update(row.get("gap", {}))
     m["rte_s"], m["mask_fraction"] = row["rte_s"], row["mask_fraction"]
+    m["mask_zero_fraction"] = row.get("mask_zero_fraction")
     return m
 
 
+def reference_rows(e, ref):
+    """The base model's row (with its gap to the gold standard: the do-nothing baseline)
+    and the gold standard's row, for one experiment's checkpoint and forget set."""
+    before, gold = ref.get("before"), ref.get("gold")
+    out = []
+    for label, m in (("base (before)", before), ("gold standard", gold)):
+        if not m:
+            continue
+        m = dict(m, **metrics.gap(before, gold)) if label == "base (before)" and gold else m
+        out.append({"experiment": label, "method": "-", "mask": "-", "forget": e.spec.describe(), "runs": 1,
+                    **{k: (m[k], 0.0) for k in SUMMARY_KEYS + CSV_ONLY_KEYS if m.get(k) is not None}})
+    return out
+
+
 def summarize(names, experiments, rows, refs):
-    """One summary row per experiment (mean ± std over runs), after its base and gold rows."""
-    table = []
+    """One row per experiment (mean ± std over the runs that did not diverge), after the
+    base and gold rows of its checkpoint and forget set."""
+    table, seen = [], set()
     for i, (name, e) in enumerate(zip(names, experiments)):
         ref = refs.get(i, {})
-        for label, m in (("base (before)", ref.get("before")), ("gold standard", ref.get("gold"))):
-            if m and not any(r["experiment"] == label and r["forget"] == e.spec.describe() for r in table):
-                table.append({"experiment": label, "method": "-", "mask": "-", "forget": e.spec.describe(),
-                              "runs": 1, **{k: (m[k], 0.0) for k in SUMMARY_KEYS if k in m}})
-        mine = [flat(r) for r in rows if r["experiment"] == i]
+        key = (e.checkpoint, e.spec.describe(), e.retrained)
+        if key not in seen:
+            seen.add(key)
+            table += reference_rows(e, ref)
+        mine = [r for r in rows if r["experiment"] == i]
         if not mine:
             continue
+        finished = [flat(r) for r in mine if r["diverged_at"] is None]
         row = {"experiment": name, "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
                "forget": e.spec.describe(), "runs": len(mine)}
-        for k in SUMMARY_KEYS:
-            vals = [m.get(k) for m in mine if m.get(k) is not None]
+        for k in SUMMARY_KEYS + CSV_ONLY_KEYS:
+            vals = [m[k] for m in finished if m.get(k) is not None]
             if vals:
                 row[k] = mean_std(vals)
-        diverged = [r["diverged_at"] for r in rows if r["experiment"] == i and r["diverged_at"]]
-        row["diverged"] = f"{len(diverged)}/{len(mine)} (epoch {min(diverged)})" if diverged else ""
+        if ref.get("gold") and "avg_gap" in row:
+            do_nothing = metrics.gap(ref["before"], ref["gold"])["avg_gap"]
+            row[BEATS] = "yes" if row["avg_gap"][0] < do_nothing else "no"
+        diverged = [r["diverged_at"] for r in mine if r["diverged_at"]]
+        row["diverged"] = f"{len(diverged)}/{len(mine)} diverged (epoch {min(diverged)})" if diverged else ""
         table.append(row)
     return table
 
 
-COLUMNS = ("experiment", "method", "mask", "forget", "runs") + SUMMARY_KEYS + ("diverged",)
+def do_nothing_line(table):
+    """'k of n experiments are closer to the gold standard than the original model', or None."""
+    judged = [r for r in table if BEATS in r]
+    if not judged:
+        return None
+    k = sum(r[BEATS] == "yes" for r in judged)
+    return (f"{k} of {len(judged)} experiments are closer to the gold standard than the original model "
+            f"(the do-nothing baseline: base row's avg_gap)")
+
+
+COLUMNS = ("experiment", "method", "mask", "forget", "runs") + SUMMARY_KEYS + (BEATS, "diverged")
+CSV_COLUMNS = COLUMNS[:-2] + CSV_ONLY_KEYS + COLUMNS[-2:]
+NUMERIC = SUMMARY_KEYS + CSV_ONLY_KEYS
 
 
 def cell(v, key):
     if isinstance(v, tuple):
-        digits = 3 if key in ("rte_s", "mask_fraction") else 2
+        digits = 3 if key in ("rte_s", "mask_fraction", "mask_zero_fraction") else 2
         return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if not math.isnan(v[0]) else "n/a"
     return str(v)
 
 
+def csv_line(row):
+    vals = []
+    for k in CSV_COLUMNS:
+        v = row.get(k, "")
+        if k in NUMERIC:
+            vals += [f"{v[0]:.4f}", f"{v[1]:.4f}"] if v else ["", ""]
+        else:
+            vals.append(f'"{v}"' if "," in str(v) else str(v))
+    return ",".join(vals)
+
+
 def write_summary(run_dir, table):
-    csv_cols = [c for k in COLUMNS for c in ((k, k + "_std") if k in SUMMARY_KEYS else (k,))]
-    lines = [",".join(csv_cols)]
-    for row in table:
-        vals = []
-        for k in COLUMNS:
-            v = row.get(k, "")
-            vals += [f"{v[0]:.4f}", f"{v[1]:.4f}"] if k in SUMMARY_KEYS and v else (
-                ["", ""] if k in SUMMARY_KEYS else [f'"{v}"' if "," in str(v) else str(v)])
-        lines.append(",".join(vals))
-    atomic_write_text(run_dir / "summary.csv", "\n".join(lines) + "\n")
+    """summary.csv, summary.md and summary.png; returns the Markdown to print."""
+    header = [c for k in CSV_COLUMNS for c in ((k, k + "_std") if k in NUMERIC else (k,))]
+    atomic_write_text(run_dir / "summary.csv", "\n".join([",".join(header)] + [csv_line(r) for r in table]) + "\n")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(cell(row.get(k, ""), k) for k in COLUMNS) + " |" for row in table]
-    atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
+    md += ["| " + " | ".join(cell(row.get(k, "n/a" if k in SUMMARY_KEYS[:7] else ""), k) for k in COLUMNS) + " |"
+           for row in table]
+    line = do_nothing_line(table)
+    text = "\n".join(md) + ("\n\n" + line if line else "")
+    atomic_write_text(run_dir / "summary.md", text + "\n")
     plot_summary(run_dir / "summary.png", table)
-    return "\n".join(md)
+    return text
 
 
 def plot_summary(path, table):
@@ -379,6 +461,10 @@ def plot_summary(path, table):
         xs = [i + j * width for i, r in enumerate(table) if k in r]
         ax.bar(xs, [r[k][0] for r in table if k in r], width, yerr=[r[k][1] for r in table if k in r],
                label=k, capsize=2)
+    for r in table:  # the do-nothing reference: the original model's Avg. Gap
+        if r["experiment"] == "base (before)" and "avg_gap" in r:
+            ax.axhline(r["avg_gap"][0], color="black", linestyle="--", linewidth=1,
+                       label=f"do nothing: Avg. Gap {r['avg_gap'][0]:.2f} ({r['forget']})")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))])
     ax.set_xticklabels([r["experiment"] for r in table], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("percent")
@@ -414,12 +500,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
+    add_precision_flag(p)
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
     p.add_argument("--out", default="output", help="parent folder of the run folder")
     p.add_argument("--name", help="run folder name (default: <time>_<experiment file>); never reused")
     p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.changed = [f"--{k.replace('_', '-')}" if len(k) > 2 else f"-{k}"
+                    for k, v in vars(args).items() if v != p.get_default(k)]
+    return args
 
 
 def load_list(path):
@@ -431,16 +521,33 @@ def load_list(path):
         raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
+# What --resume may change: where it computes and whether it logs, not what it computes.
+RESUME_MAY_CHANGE = {"--resume", "--device", "-NL", "--no-log"}
+
+
+def resume_plan(args):
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} not found")
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json)")
+    saved = json.loads((run_dir / "config.json").read_text())
+    fixed = [f for f in args.changed if f not in RESUME_MAY_CHANGE and not
+             (f == "--precision" and args.precision == saved.get("precision"))]
+    if fixed:
+        raise UserError(f"--resume continues {run_dir} exactly as it was configured; {', '.join(fixed)} would "
+                        f"change it (only --device and -NL may be given): start a new run instead")
+    check_writable(run_dir, "run folder")
+    experiments = resolve(saved["experiments"], {}, run_dir / "config.json", saved["data_dir"])
+    args.data_dir = saved["data_dir"]
+    return experiments, saved
+
+
 def plan(args):
-    """(experiments, names, nexp, run folder, runs already done) — all checked, nothing computed."""
+    """(experiments, config) — all checked, the run folder made, nothing computed.
+    A resumed run keeps its config.json, precision included."""
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} is not a run folder (no config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())
-        experiments = resolve(saved["experiments"], {}, run_dir / "config.json", saved["data_dir"])
-        args.data_dir = saved["data_dir"]
-        return experiments, saved["names"], saved["nexp"], run_dir
+        return resume_plan(args)
     if args.nexp < 1:
         raise UserError(f"--nexp must be at least 1, got {args.nexp}")
     if args.batch_size < 1:
@@ -454,37 +561,46 @@ def plan(args):
     else:
         entries, where = [overrides], "command line"
     experiments = resolve(entries, defaults, where, args.data_dir)
-    names = experiment_names(experiments)
+    check_writable(args.out, "--out")
+    precision = args.precision or default_precision()
+    compute = compute_for(get_device(args.device), precision)
     label = Path(args.load).stem if args.load else "cli"
     run_dir = unique_dir(args.out, args.name or f"{timestamp()}_{label}")
-    atomic_write_text(run_dir / "config.json", json.dumps(
-        {"experiments": [asdict(e) for e in experiments], "names": names, "nexp": args.nexp,
-         "data_dir": args.data_dir, "command": sys.argv}, indent=2))
-    return experiments, names, args.nexp, run_dir
+    config = {"experiments": [asdict(e) for e in experiments], "names": experiment_names(experiments),
+              "nexp": args.nexp, "data_dir": args.data_dir, "precision": compute.precision,
+              "device_name": device_name(compute.device), "run_id": uuid.uuid4().hex, "command": sys.argv}
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
+    return experiments, {**config, "run_dir": str(run_dir)}
 
 
 def save_outputs(run_dir, name, e, ctx, model, mask, result):
     config = dict(ctx.base_config, forget=e.spec.to_config(), forget_idx=ctx.split.forget.tolist(),
                   method=e.method, experiment=asdict(e), metrics=result["metrics"],
-                  kept_fraction=mask.kept_fraction if mask else None)
+                  kept_fraction=mask.kept_fraction if mask else None, **ctx.compute.describe())
     save_checkpoint(run_dir / f"{name}.pt", model.state_dict(), config)
     if mask:
         save_checkpoint(run_dir / "masks" / f"{name}.pt", mask.keep,
-                        {"name": name, "experiment": asdict(e), "kept_fraction": mask.kept_fraction})
+                        {"name": name, "experiment": asdict(e), "kept_fraction": mask.kept_fraction,
+                         "zero_fraction": mask.zero_fraction})
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = get_device(args.device)
-    experiments, names, nexp, run_dir = plan(args)
+    experiments, config = plan(args)
+    run_dir = Path(config.get("run_dir") or args.resume)
+    names, nexp = config["names"], config["nexp"]
+    compute = compute_for(device, config.get("precision", "fp32"))
+    announce_compute(compute, config["precision"])
     results_path = run_dir / "results.jsonl"
-    rows = read_results(results_path)
+    rows = read_results(results_path, config["run_id"])
     done = {(r["experiment"], r["run"]) for r in rows}
     print(f"run folder: {run_dir} ({len(experiments)} experiments x {nexp} runs, {len(done)} already done)")
     cache, refs = {"data_dir": args.data_dir}, {}
+    stamp = {"run_id": config["run_id"], **compute.describe()}
     for i, (name, e) in enumerate(zip(names, experiments)):
         todo = [k for k in range(nexp) if (i, k) not in done]
-        ctx = prepare(e, device, cache)
+        ctx = prepare(e, compute, cache)
         refs[i] = {"before": ctx.before, "gold": ctx.gold}
         for k in tqdm(todo, desc=name, unit="run", disable=not todo):
             logger = Logger(not args.no_log, "salun-deepdive", f"{run_dir.name}/{name}/run{k}", asdict(e))
@@ -495,7 +611,7 @@ def main(argv=None):
             elif k == nexp - 1:  # its weights hold NaN/inf: no checkpoint to analyse
                 print(f"{name}: diverged at epoch {result['diverged_at']}; no checkpoint saved",
                       file=sys.stderr)
-            row = {"experiment": i, "name": name, "run": k, **result}
+            row = {"experiment": i, "name": name, "run": k, **result, **stamp}
             with open(results_path, "a") as f:  # one whole line per run, flushed as it ends
                 f.write(json.dumps(row) + "\n")
                 f.flush()

@@ -22,8 +22,9 @@ import datasets
 import metrics
 from datasets import ForgetSpec
 from methods import make_optimizer, sgd_pass, cross_entropy, Run
-from utils import (Logger, UserError, atomic_write_text, cli, compute_for, create_model,
-                   check_model_name, get_device, make_generator, save_checkpoint, seed_everything)
+from utils import (CHECKPOINT_FORMAT, Logger, UserError, add_precision_flag, announce_compute, atomic_write_text,
+                   check_model_name, check_writable, cli, compute_for, create_model, default_precision,
+                   get_device, make_generator, save_checkpoint, seed_everything)
 
 
 def parse_args(argv=None):
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--comment", default=None, help="name suffix (default: base, cf<c>, rf<r> or itf_<file>)")
     p.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    add_precision_flag(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
     return p.parse_args(argv)
@@ -79,12 +81,15 @@ def check_args(args):
     path = Path(args.save_dir) / f"{name}.pt"
     if path.exists() and not args.overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --comment")
+    check_writable(args.save_dir, "--save-dir")
+    args.precision = args.precision or default_precision()
     return spec, name, path
 
 
 def train(args, spec, name, path):
     device = get_device(args.device)
-    compute = compute_for(device)
+    compute = compute_for(device, args.precision)
+    announce_compute(compute, args.precision)
     ds = datasets.load_dataset(args.dataset, args.data_dir, device)
     num_classes = ds.num_classes
     forget_spec(args, num_classes)
@@ -101,12 +106,13 @@ def train(args, spec, name, path):
     # One cycle: a short warm-up then cosine decay, which fits any epoch budget.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15,
                                                 cycle_momentum=False)
-    config = {"model": args.model, "dataset": args.dataset, "num_classes": num_classes,
+    config = {"format": CHECKPOINT_FORMAT, "model": args.model, "dataset": args.dataset, "num_classes": num_classes,
               "in_chans": ds.in_chans, "img_size": ds.img_size, "n_train": len(ds.y_train), "stem": stem,
               "seed": args.seed,
               "pretrained": args.pretrained, "lr": args.lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "forget": spec.to_config(),
-              "forget_idx": split.forget.tolist(), "val_idx": split.val.tolist(), "method": "train"}
+              "forget_idx": split.forget.tolist(), "val_idx": torch.nonzero(split.in_val).flatten().tolist(),
+              "method": "train", **compute.describe()}
     logger = Logger(not args.no_log, "salun-deepdive", name, config)
 
     best_acc, best_state, best_epoch = -1.0, None, 0

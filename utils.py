@@ -9,6 +9,7 @@ import glob
 import math
 import os
 import pickle
+import platform
 import random
 import socket
 import sys
@@ -61,34 +62,89 @@ def make_generator(seed, device):
     return torch.Generator(device=device).manual_seed(seed)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_ENV = "SALUN_PRECISION"  # the default of every --precision flag (the tests force bf16 with it)
+
+
 @dataclass
 class Compute:
-    """Where and how the tensors are computed: device, bf16 autocast, channels_last."""
+    """Where and how training tensors are computed: device, bf16 autocast, channels_last.
+
+    Only training and unlearning steps use autocast; evaluation and the mask's gradients
+    always run in fp32 (see `metrics.predict`), so a checkpoint's numbers do not depend on
+    the machine that evaluates it.
+    """
     device: torch.device
     bf16: bool
     channels_last: bool
+
+    @property
+    def precision(self):
+        return "bf16" if self.bf16 else "fp32"
 
     def autocast(self):
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def describe(self):
+        return {"precision": self.precision, "device": self.device.type, "device_name": device_name(self.device)}
+
+
+def _cpu_flags_and_model():
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.lower().startswith(("model name", "hardware", "cpu model"))), "")
+    return info, model or platform.processor() or platform.machine()
+
 
 def _cpu_has_bf16():
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags, _ = _cpu_flags_and_model()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def compute_for(device, bf16=None):
+def device_name(device):
+    """The GPU's name, or the CPU model with its number of cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_flags_and_model()[1]} ({os.cpu_count()} cores)"
+
+
+def default_precision():
+    value = os.environ.get(PRECISION_ENV, "auto")
+    if value not in PRECISIONS:
+        raise UserError(f"{PRECISION_ENV}={value!r}: use one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def add_precision_flag(parser):
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help=f"training precision; evaluation and the mask always run in fp32. auto: bf16 "
+                             f"on CUDA and on CPUs with native bf16, fp32 elsewhere (default: "
+                             f"${PRECISION_ENV}, else auto)")
+
+
+def compute_for(device, precision="auto"):
     """The fast path for this device: measured on a 2-core CPU without bf16 units, bf16
-    autocast trains ResNet-18 15x slower and channels_last 1.2x faster, so bf16 is used
-    only on CUDA and on CPUs with native bf16; channels_last always."""
-    if bf16 is None:
+    autocast trains ResNet-18 15x slower and channels_last 1.2x faster, so `auto` uses
+    bf16 only on CUDA and on CPUs with native bf16; channels_last always."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
         bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
+    else:
+        bf16 = precision == "bf16"
     return Compute(device, bf16, True)
+
+
+def announce_compute(compute, asked):
+    """The one line every training script prints at start: what it computes in, and where."""
+    why = " (auto)" if asked == "auto" else ""
+    print(f"precision: {compute.precision}{why} for training, fp32 for evaluation and the mask; "
+          f"device: {compute.device.type}, {device_name(compute.device)}", flush=True)
 
 
 def mean_std(values):
@@ -246,6 +302,22 @@ def model_from_config(config, device):
     return model.to(device)
 
 
+# Format 2: the validation set is drawn from the whole training set before any forget
+# set, so a base model and its gold standard share it. Format-1 checkpoints drew it after
+# the forget set: their gold standards trained on the base model's validation samples.
+CHECKPOINT_FORMAT = 2
+
+
+def load_model_checkpoint(path):
+    """A model checkpoint of the current format (a mask or an older model is refused)."""
+    ckpt = load_checkpoint(path)
+    version = ckpt["config"].get("format", 1)
+    if version != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} has the old split format {version} (its validation set "
+                        f"depends on its forget set); retrain it with train.py")
+    return ckpt
+
+
 def load_model(path, device, models=None):
     """(model with the checkpoint's weights, the checkpoint's config).
 
@@ -253,7 +325,7 @@ def load_model(path, device, models=None):
     is loaded in turn (building a model costs more than loading its weights); the model
     returned then holds the last checkpoint's weights only until the next load.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_model_checkpoint(path)
     cfg = ckpt["config"]
     arch = (cfg["model"], cfg["num_classes"], cfg["in_chans"], cfg["img_size"])
     models = {} if models is None else models
@@ -351,6 +423,22 @@ def load_checkpoint(path):
             and isinstance(ckpt.get("config"), dict)):
         raise UserError(f"{path} is not a SalUn DeepDive checkpoint (needs state_dict and config)")
     return ckpt
+
+
+def check_writable(folder, what="output folder"):
+    """Make sure files can be written in `folder` (or, when it does not exist yet, in the
+    folder it would be created in), before any compute. A probe file is created and removed
+    (permission bits do not stop root, a read-only mount does), so nothing is left behind."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder}: {existing} is a file, not a folder")
+    try:
+        probe = existing / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what} {folder} is not writable ({e.strerror or type(e).__name__} in {existing})") from None
 
 
 def unique_dir(parent, name):

@@ -21,16 +21,55 @@ def run_script(script, *args, cwd=None, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def train_tiny(folder, *extra):
+    """train.py on digits with timm's test_resnet, in the suite's precision (SALUN_PRECISION)."""
+    r = run_script("train.py", "--dataset", "digits", "--model", "test_resnet", "--epochs", "4",
+                   "--batch-size", "64", "--lr", "0.2", "-NL", "--save-dir", folder, *extra)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
     """A tiny base model and its gold standard without class 0, trained once per session."""
     d = tmp_path_factory.mktemp("ckpts")
-    common = ("--dataset", "digits", "--model", "test_resnet", "--epochs", "4", "--batch-size", "64",
-              "--lr", "0.2", "-NL", "--save-dir", d)
     for extra in ((), ("--cf", "0")):
-        r = run_script("train.py", *common, *extra)
-        assert r.returncode == 0, r.stderr
+        train_tiny(d, *extra)
     return {"dir": d, "base": d / "test_resnet_digits_base.pt", "gold": d / "test_resnet_digits_cf0.pt"}
+
+
+@pytest.fixture(scope="session")
+def more_golds(ckpts):
+    """Gold standards of the same base model without class 3 and without a random 10%."""
+    train_tiny(ckpts["dir"], "--cf", "3")
+    train_tiny(ckpts["dir"], "--unlr", "0.1")
+    return {"cf3": ckpts["dir"] / "test_resnet_digits_cf3.pt", "rf": ckpts["dir"] / "test_resnet_digits_rf0.1.pt"}
+
+
+def plain_forget_gradients(model, ds, forget, batch_size):
+    """SalUn's saliency written out directly: the sum over forget batches of the gradient
+    of the batch-mean cross-entropy, in eval mode and fp32."""
+    import torch
+    model.eval()
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for start in range(0, len(forget), batch_size):
+        i = forget[start:start + batch_size]
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(ds.prepare(ds.x_train[i])), ds.y_train[i]).backward()
+        for n, p in model.named_parameters():
+            total[n] += p.grad
+    return total
+
+
+def assert_is_top_saliency_mask(keep, grads, fraction):
+    """`keep` holds floor(fraction * n) entries, and none of them is less salient than an entry left out."""
+    import math
+    import torch
+    n = sum(g.numel() for g in grads.values())
+    assert set(keep) == set(grads) and sum(int(k.sum()) for k in keep.values()) == math.floor(fraction * n)
+    kept = torch.cat([grads[k][keep[k]].abs() for k in grads])
+    dropped = torch.cat([grads[k][~keep[k]].abs() for k in grads])
+    assert kept.min() >= dropped.max() - 1e-6 * kept.max()
+    return kept
 
 
 @pytest.fixture(scope="session")

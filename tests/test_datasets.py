@@ -19,22 +19,41 @@ def test_digits_is_uint8_nchw_with_fixed_split(digits):
     assert torch.equal(again.x_test, digits.x_test) and torch.equal(again.y_train, digits.y_train)
 
 
-@pytest.mark.parametrize("spec", [ForgetSpec(), ForgetSpec(class_to_forget=3), ForgetSpec(unlearning_rate=0.1)])
-def test_split_is_disjoint_and_complete(digits, spec):
-    s = make_split(digits, spec, seed=5)
-    parts = [set(s.forget.tolist()), set(s.retain.tolist()), set(s.val.tolist())]
+SPECS = [ForgetSpec(), ForgetSpec(class_to_forget=3), ForgetSpec(unlearning_rate=0.1)]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("given_val", [False, True])
+def test_split_partitions_the_training_set_and_forgets_no_validation_sample(digits, spec, given_val):
+    val_idx = list(range(0, 1437, 7)) if given_val else None  # a checkpoint's own held-out set
+    s = make_split(digits, spec, seed=5, val_idx=val_idx)
+    parts = [set(x.tolist()) for x in (s.forget, s.retain, s.val, s.val_forgotten)]
     assert sum(len(p) for p in parts) == len(set().union(*parts)) == len(digits.y_train)
+    assert not parts[0] & (parts[2] | parts[3])  # no forget sample was held out
     assert set(s.train.tolist()) == parts[0] | parts[1]
     assert s.is_forget.sum() == len(s.forget)
+    if given_val:
+        assert parts[2] | parts[3] == set(val_idx)
+
+
+def test_validation_set_depends_on_the_seed_alone(digits):
+    """A base model and its gold standards, trained with one seed, hold out the same samples."""
+    splits = [make_split(digits, spec, seed=4) for spec in SPECS]
+    for s in splits[1:]:
+        assert torch.equal(s.in_val, splits[0].in_val)
+    assert not torch.equal(make_split(digits, ForgetSpec(), seed=5).in_val, splits[0].in_val)
+    assert int(splits[0].in_val.sum()) == int(0.1 * len(digits.y_train))
 
 
 def test_class_and_rate_specs(digits):
     s = make_split(digits, ForgetSpec(class_to_forget=3))
-    assert torch.equal(s.forget, torch.nonzero(digits.y_train == 3).flatten())
+    assert torch.equal(s.forget, torch.nonzero((digits.y_train == 3) & ~s.in_val).flatten())
     assert (digits.y_train[s.retain] != 3).all() and (digits.y_train[s.val] != 3).all()
+    assert (digits.y_train[s.val_forgotten] == 3).all() and len(s.val_forgotten) > 0
     r = make_split(digits, ForgetSpec(unlearning_rate=0.1), seed=1)
-    assert len(r.forget) == int(0.1 * len(digits.y_train))
-    assert len(r.val) == int(0.1 * (len(digits.y_train) - len(r.forget)))
+    n_val = int(0.1 * len(digits.y_train))
+    assert len(r.val) == n_val and len(r.val_forgotten) == 0
+    assert len(r.forget) == int(0.1 * (len(digits.y_train) - n_val))  # of what the base model trained on
 
 
 def test_same_seed_same_split_other_seed_other_split(digits):
@@ -44,13 +63,16 @@ def test_same_seed_same_split_other_seed_other_split(digits):
     assert not torch.equal(a.forget, c.forget)
 
 
-def test_index_spec_and_given_validation_indices(digits, tmp_path):
+def test_index_spec_may_not_name_a_validation_sample(digits, tmp_path):
     f = tmp_path / "f.json"
     f.write_text(json.dumps([9, 2, 40]))
-    s = make_split(digits, ForgetSpec(idxs_to_forget=str(f)), val_idx=[2, 3, 4])
-    assert s.forget.tolist() == [2, 9, 40]
-    assert s.val.tolist() == [3, 4]  # 2 stays a forget sample
-    assert 3 not in s.retain.tolist() and 2 not in s.retain.tolist()
+    s = make_split(digits, ForgetSpec(idxs_to_forget=str(f)), val_idx=[3, 4])
+    assert s.forget.tolist() == [2, 9, 40] and s.val.tolist() == [3, 4]
+    assert not {2, 3, 4, 9, 40} & set(s.retain.tolist())
+    with pytest.raises(UserError, match="names 1 validation sample.*index 2"):
+        make_split(digits, ForgetSpec(idxs_to_forget=str(f)), val_idx=[2, 3, 4])
+    with pytest.raises(UserError, match="validation sample"):
+        make_split(digits, ForgetSpec(), val_idx=[2, 3], forget_idx=[3, 9])
 
 
 @pytest.mark.parametrize("content, message", [

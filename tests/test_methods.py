@@ -5,9 +5,10 @@ import torch
 
 import datasets
 import metrics
+from conftest import assert_is_top_saliency_mask, plain_forget_gradients
 from datasets import ForgetSpec, make_split
 from methods import METHODS, Run, kth_largest, make_optimizer, saliency_mask, select_top
-from utils import compute_for, load_model, make_generator
+from utils import compute_for, default_precision, load_model, make_generator
 
 CPU = torch.device("cpu")
 
@@ -54,17 +55,19 @@ def test_select_top_on_millions_of_scores_agrees_with_a_full_sort(kind):
 
 
 def tiny_run(ds, split, seed=0, batch_size=64):
-    return Run(ds, split, batch_size, make_generator(seed, CPU), compute_for(CPU, bf16=False))
+    """A Run in the suite's precision (SALUN_PRECISION=bf16 runs the whole suite in bf16)."""
+    return Run(ds, split, batch_size, make_generator(seed, CPU), compute_for(CPU, default_precision()))
 
 
-def test_mask_keeps_floor_thr_n_entries(ckpts, digits):
-    model, _ = load_model(ckpts["base"], CPU)
-    run = tiny_run(digits, make_split(digits, ForgetSpec(class_to_forget=0)))
-    mask = saliency_mask(model, run, 0.3)
-    n = sum(p.numel() for p in model.parameters())
-    assert sum(int(k.sum()) for k in mask.keep.values()) == math.floor(0.3 * n)
-    assert set(mask.keep) == {name for name, _ in model.named_parameters()}
-    assert 0 <= min(mask.kept_fraction.values()) <= max(mask.kept_fraction.values()) <= 1
+def test_mask_keeps_the_floor_thr_n_most_salient_entries(ckpts, digits):
+    model, cfg = load_model(ckpts["base"], CPU)
+    split = make_split(digits, ForgetSpec(class_to_forget=0), val_idx=cfg["val_idx"])
+    mask = saliency_mask(model, tiny_run(digits, split), 0.3)
+    grads = plain_forget_gradients(model, digits, split.forget, 64)
+    kept = assert_is_top_saliency_mask(mask.keep, grads, 0.3)
+    for name, keep in mask.keep.items():
+        assert mask.kept_fraction[name] == pytest.approx(keep.float().mean().item())
+    assert mask.zero_fraction == pytest.approx(float((kept == 0).float().mean()), abs=1e-3)
 
 
 @pytest.mark.parametrize("method", ["rl_split", "ga"])
@@ -85,18 +88,23 @@ def test_masked_out_weights_are_bit_for_bit_unchanged(ckpts, digits, method):
     assert changed > 0
 
 
-@pytest.mark.parametrize("method", ["rl", "rl_split", "ga", "ga_small", "ft"])
+# Settings with a margin: measured on fixture models trained in fp32 and in bf16 with
+# several seeds, each setting brought forget accuracy below 40% from above 85%.
+EFFECTIVE = {"rl": (0.1, 2), "rl_split": (0.1, 2), "ga": (0.1, 2), "ga_small": (0.05, 2), "ft": (0.5, 3)}
+
+
+@pytest.mark.parametrize("method", sorted(EFFECTIVE))
 def test_each_method_lowers_forget_accuracy(ckpts, digits, method):
     model, cfg = load_model(ckpts["base"], CPU)
     split = make_split(digits, ForgetSpec(class_to_forget=0), val_idx=cfg["val_idx"])
-    compute = compute_for(CPU, bf16=False)
-    forget_acc = lambda: metrics.accuracy(metrics.predict(model, digits, split.forget, compute))  # noqa: E731
-    start = forget_acc()
+    forget_acc = lambda: metrics.accuracy(metrics.predict(model, digits, split.forget, compute_for(CPU, "fp32")))  # noqa: E731
+    assert forget_acc() > 80, "the fixture's base model should know class 0"
     run = tiny_run(digits, split)
-    opt = make_optimizer(model, {"ga_small": 0.01}.get(method, 0.1))
-    for _ in range(2):
+    lr, epochs = EFFECTIVE[method]
+    opt = make_optimizer(model, lr)
+    for _ in range(epochs):
         METHODS[method].epoch(model, opt, run)
-    assert forget_acc() < start - 20, method
+    assert forget_acc() < 50, method
 
 
 def test_random_labels_never_keep_the_true_label(digits):
@@ -114,6 +122,6 @@ def test_forget_membership_is_a_lookup_table(digits):
 
 
 def test_method_registry():
-    assert set(METHODS) == {"rl", "rl_split", "ga", "ga_small", "ft", "retrain"}
+    assert set(METHODS) >= {"rl", "rl_split", "ga", "ga_small", "ft", "retrain"}
     assert METHODS["retrain"].fresh_model and METHODS["ga"].cosine_lr
     assert datasets.DATASETS.keys() >= {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "digits"}

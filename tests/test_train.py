@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import datasets
+import main
+import utils
 from conftest import run_script
 from datasets import ForgetSpec
 
@@ -23,8 +25,10 @@ def test_checkpoints_from_train_load_weights_only_and_reproduce_their_split(ckpt
         assert cfg["dataset"] == "digits" and cfg["num_classes"] == 10 and cfg["stem"] == "resnet_deep_stride1"
         assert cfg["forget"]["class_to_forget"] == forget_class
         split = datasets.make_split(digits, ForgetSpec(class_to_forget=forget_class), seed=cfg["seed"])
-        assert split.val.tolist() == cfg["val_idx"]  # the same held-out samples when reloaded
+        assert torch.nonzero(split.in_val).flatten().tolist() == cfg["val_idx"]  # the same held-out samples
         assert split.forget.tolist() == cfg["forget_idx"]
+        assert cfg["format"] == utils.CHECKPOINT_FORMAT
+        assert cfg["precision"] in ("fp32", "bf16") and cfg["device"] == "cpu" and cfg["device_name"]
         forget_json = json.loads(ckpts[key].with_name(ckpts[key].stem + "_forget.json").read_text())
         assert forget_json == cfg["forget_idx"] == sorted(forget_json)
 
@@ -40,7 +44,7 @@ def test_random_forgetting_is_reproducible_and_itf_reuses_it(tmp_path):
     train(tmp_path, "--unlr", "0.1", "--seed", "1", "--comment", "b")
     a = json.loads((tmp_path / "test_resnet_digits_a_forget.json").read_text())
     b = json.loads((tmp_path / "test_resnet_digits_b_forget.json").read_text())
-    assert a == b and len(a) == int(0.1 * 1437) and a == sorted(a)
+    assert a == b and len(a) == int(0.1 * (1437 - 143)) and a == sorted(a)
     r = train(tmp_path, "--itf", tmp_path / "test_resnet_digits_a_forget.json")
     again = json.loads((tmp_path / "test_resnet_digits_itf_test_resnet_digits_a_forget.json").read_text())
     assert again == a
@@ -80,3 +84,31 @@ def test_fashionmnist_from_the_debian_folder_when_installed(tmp_path):
     ds = datasets.load_dataset("fashionmnist", folder)
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert ds.y_train.max() == 9
+
+
+def test_base_and_gold_standards_share_one_validation_set(tmp_path, digits):
+    """Trained with one seed, a base model and its gold standards (a class, a random 10%)
+    hold out the same samples; no forgotten sample is one of them; and each gold model's
+    forget set is exactly the one main.py forgets from the base model."""
+    train(tmp_path, "--seed", "2")
+    train(tmp_path, "--seed", "2", "--cf", "3")
+    train(tmp_path, "--seed", "2", "--unlr", "0.1")
+    base, cf3, rf = (torch.load(tmp_path / f"test_resnet_digits_{c}.pt", weights_only=True)["config"]
+                     for c in ("base", "cf3", "rf0.1"))
+    assert base["val_idx"] == cf3["val_idx"] == rf["val_idx"] and base["forget_idx"] == []
+    for gold, spec in ((cf3, ForgetSpec(class_to_forget=3)), (rf, ForgetSpec(unlearning_rate=0.1))):
+        assert not set(gold["forget_idx"]) & set(base["val_idx"])
+        e = main.Experiment(checkpoint=str(tmp_path / "test_resnet_digits_base.pt"), seed=2, batch_size=64,
+                            **spec.to_config())
+        assert main.Checker("data").problems(e) == []
+        split = datasets.make_split(digits, e.spec, seed=e.seed, val_idx=base["val_idx"])  # as main.prepare
+        assert split.forget.tolist() == gold["forget_idx"]
+
+
+def test_unwritable_save_dir_stops_before_training(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for save_dir in (tmp_path / "afile" / "ckpt", "/proc/salun-ckpt"):
+        r = run_script("train.py", *TINY, "--save-dir", save_dir)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "--save-dir" in r.stderr
+        assert "precision" not in r.stdout  # nothing started

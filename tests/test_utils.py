@@ -157,3 +157,39 @@ def test_device_choice():
     assert utils.get_device("cpu").type == "cpu"
     with pytest.raises(UserError):
         utils.get_device("tpu")
+
+
+def test_precision_is_a_setting_recorded_with_the_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert utils.compute_for(cpu, "fp32").precision == "fp32"
+    assert utils.compute_for(cpu, "bf16").precision == "bf16"
+    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: True)
+    assert utils.compute_for(cpu, "auto").bf16
+    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: False)
+    assert not utils.compute_for(cpu, "auto").bf16
+    described = utils.compute_for(cpu, "bf16").describe()
+    assert described["precision"] == "bf16" and described["device"] == "cpu" and described["device_name"]
+    with pytest.raises(UserError, match="unknown precision"):
+        utils.compute_for(cpu, "fp16")
+    monkeypatch.setenv(utils.PRECISION_ENV, "bf16")
+    assert utils.default_precision() == "bf16"
+    monkeypatch.setenv(utils.PRECISION_ENV, "half")
+    with pytest.raises(UserError, match="SALUN_PRECISION"):
+        utils.default_precision()
+
+
+def test_old_split_format_is_refused_with_advice(tmp_path):
+    model, _ = create_model("test_resnet", 10, 1, 8)
+    save_checkpoint(tmp_path / "old.pt", model.state_dict(), {"model": "test_resnet", "val_idx": []})
+    with pytest.raises(UserError, match="old split format 1.*retrain it with train.py"):
+        utils.load_model(tmp_path / "old.pt", torch.device("cpu"))
+
+
+def test_check_writable_creates_nothing_and_names_the_folder(tmp_path):
+    utils.check_writable(tmp_path / "new" / "deeper")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        utils.check_writable(tmp_path / "file" / "out", "--out")
+    with pytest.raises(UserError, match="--save-dir /proc/salun.* is not writable"):
+        utils.check_writable("/proc/salun", "--save-dir")  # not even root may create files there
