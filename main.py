@@ -360,10 +360,9 @@ def flat(row):
     return m
 
 
-def reference_rows(e, ref):
+def reference_rows(e, before, gold):
     """The base model's row (with its gap to the gold standard: the do-nothing baseline)
-    and the gold standard's row, for one experiment's checkpoint and forget set."""
-    before, gold = ref.get("before"), ref.get("gold")
+    and the gold standard's row, for one checkpoint and forget set."""
     out = []
     for label, m in (("base (before)", before), ("gold standard", gold)):
         if not m:
@@ -377,13 +376,17 @@ def reference_rows(e, ref):
 def summarize(names, experiments, rows, refs):
     """One row per experiment (mean ± std over the runs that did not diverge), after the
     base and gold rows of its checkpoint and forget set."""
+    golds = {}  # the gold standard named by any experiment on that checkpoint and forget set
+    for i, e in enumerate(experiments):
+        if refs.get(i, {}).get("gold"):
+            golds.setdefault((e.checkpoint, e.spec.describe()), refs[i]["gold"])
     table, seen = [], set()
     for i, (name, e) in enumerate(zip(names, experiments)):
         ref = refs.get(i, {})
-        key = (e.checkpoint, e.spec.describe(), e.retrained)
-        if key not in seen:
+        key = (e.checkpoint, e.spec.describe())
+        if key not in seen and ref:
             seen.add(key)
-            table += reference_rows(e, ref)
+            table += reference_rows(e, ref["before"], golds.get(key))
         mine = [r for r in rows if r["experiment"] == i]
         if not mine:
             continue
@@ -507,8 +510,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
     args = p.parse_args(argv)
-    args.changed = [f"--{k.replace('_', '-')}" if len(k) > 2 else f"-{k}"
-                    for k, v in vars(args).items() if v != p.get_default(k)]
+    args.changed = [a.option_strings[0] for a in p._actions  # as the user may have typed them
+                    if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
     return args
 
 
@@ -522,7 +525,7 @@ def load_list(path):
 
 
 # What --resume may change: where it computes and whether it logs, not what it computes.
-RESUME_MAY_CHANGE = {"--resume", "--device", "-NL", "--no-log"}
+RESUME_MAY_CHANGE = {"--resume", "--device", "-NL"}
 
 
 def resume_plan(args):

@@ -1,13 +1,14 @@
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_script
+import utils
+from conftest import assert_is_top_saliency_mask, plain_forget_gradients, run_script
 from datasets import ForgetSpec, make_split
-from methods import Run, saliency_mask
-from utils import compute_for, load_model, make_generator
+from utils import load_model
 
 CPU = torch.device("cpu")
 
@@ -37,9 +38,13 @@ def test_main_writes_every_result(finished_run, ckpts):
     run_dir, r = finished_run
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [(x["experiment"], x["run"], x["seed"]) for x in rows] == [(0, 0, 0), (0, 1, 1), (1, 0, 0), (1, 1, 1)]
+    config = json.loads((run_dir / "config.json").read_text())
     for row in rows:
-        assert set(row["metrics"]) >= {"UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "TA_forgotten"}
+        assert set(row["metrics"]) >= {"UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "TA_forgotten", "VA_forgotten"}
         assert row["rte_s"] > 0 and len(row["history"]) == 1
+        assert row["run_id"] == config["run_id"] and row["precision"] == config["precision"]
+        assert row["device_name"] == config["device_name"] == utils.device_name(CPU)
+    assert f"precision: {config['precision']}" in r.stdout
     assert "avg_gap" in rows[0]["gap"] and "gap" not in rows[2]
     assert rows[0]["mask_fraction"] == pytest.approx(0.2, abs=1e-6)
     for name in ("config.json", "summary.csv", "summary.md", "summary.png", "00_rl_split_mask0.2_class-0.pt",
@@ -48,6 +53,9 @@ def test_main_writes_every_result(finished_run, ckpts):
     summary = (run_dir / "summary.md").read_text()
     assert "gold standard" in summary and "base (before)" in summary and "01_ascent" in summary
     assert summary.strip().splitlines()[-1] in r.stdout  # the table is printed last
+    assert summary.strip().splitlines()[-1].endswith(
+        "experiments are closer to the gold standard than the original model "
+        "(the do-nothing baseline: base row's avg_gap)")
 
 
 def test_unlearned_checkpoint_has_experiment_and_moves_at_most_mask_thr(finished_run, ckpts):
@@ -62,18 +70,43 @@ def test_unlearned_checkpoint_has_experiment_and_moves_at_most_mask_thr(finished
 
 
 def test_saved_mask_is_the_saliency_mask_of_the_base_model(finished_run, ckpts, digits):
-    """The last run cut its mask from the gradients the first run computed (main.py computes
-    them once per checkpoint, forget set and batch size): the same mask as computed afresh."""
+    """The mask main.py saved keeps the most salient 20% of the base model's weights, saliency
+    computed here directly (main.py computes it once and shares it between runs)."""
     run_dir, _ = finished_run
     saved = torch.load(run_dir / "masks" / "00_rl_split_mask0.2_class-0.pt", weights_only=True)
     e = saved["config"]["experiment"]
     model, cfg = load_model(ckpts["base"], CPU)
     split = make_split(digits, ForgetSpec(class_to_forget=0), seed=e["seed"], val_idx=cfg["val_idx"])
-    compute = compute_for(CPU)
-    model = model.to(memory_format=torch.channels_last) if compute.channels_last else model
-    mask = saliency_mask(model, Run(digits, split, e["batch_size"], make_generator(1, CPU), compute), 0.2)
-    assert saved["state_dict"].keys() == mask.keep.keys()
-    assert all(torch.equal(saved["state_dict"][n], keep) for n, keep in mask.keep.items())
+    grads = plain_forget_gradients(model, digits, split.forget, e["batch_size"])
+    kept = assert_is_top_saliency_mask(saved["state_dict"], grads, 0.2)
+    assert saved["config"]["zero_fraction"] == pytest.approx(float((kept == 0).float().mean()), abs=1e-3)
+
+
+def test_do_nothing_row_carries_the_base_models_gap(finished_run):
+    """The base row's Avg. Gap is the mean of its |UA|, |RA|, |TA|, |MIA| differences from the
+    gold row, and each experiment says whether it beats it."""
+    run_dir, _ = finished_run
+    with open(run_dir / "summary.csv", newline="") as f:
+        rows = {r["experiment"]: r for r in csv.DictReader(f)}
+    base, gold = rows["base (before)"], rows["gold standard"]
+    gaps = [abs(float(base[k]) - float(gold[k])) for k in ("UA", "RA", "TA", "MIA")]
+    for k, g in zip(("UA_gap", "RA_gap", "TA_gap", "MIA_gap"), gaps):
+        assert float(base[k]) == pytest.approx(g, abs=1e-3)
+    assert float(base["avg_gap"]) == pytest.approx(sum(gaps) / 4, abs=1e-3)
+    masked = rows["00_rl_split_mask0.2_class-0"]
+    assert masked["beats_do_nothing"] == ("yes" if float(masked["avg_gap"]) < float(base["avg_gap"]) else "no")
+    assert rows["01_ascent"]["beats_do_nothing"] == ""  # no gold standard named
+
+
+def test_base_test_and_main_agree_on_the_gold_standard(finished_run, ckpts, tmp_path):
+    run_dir, _ = finished_run
+    with open(run_dir / "summary.csv", newline="") as f:
+        gold = next(r for r in csv.DictReader(f) if r["experiment"] == "gold standard")
+    r = run_script("base_test.py", "-c", ckpts["gold"], "--cf", "0", "--out", tmp_path / "bt.json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads((tmp_path / "bt.json").read_text())
+    for k in ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC"):
+        assert row[k] == pytest.approx(float(gold[k]), abs=0.01), k
 
 
 def test_resume_of_a_finished_run_does_nothing_more(finished_run):
@@ -114,6 +147,9 @@ def test_resume_redoes_only_missing_runs_and_drops_a_torn_line(finished_run, tmp
     ({"mask_thr": 1.5}, "outside (0, 1]"),
     ({"lr": -1}, "lr: must be positive"),
     ({"epochs": 0}, "epochs: must be positive"),
+    ({"lr": float("nan")}, "lr: must be a finite number, got NaN"),
+    ({"mask_thr": float("inf")}, "mask_thr: must be a finite number, got Infinity"),
+    ({"unlearning_rate": float("nan"), "class_to_forget": None}, "unlearning_rate: must be a finite number"),
 ])
 def test_bad_experiment_is_rejected_before_any_compute(ckpts, tmp_path, entry, message):
     exps = [base_exp(ckpts), {**base_exp(ckpts), **entry}]
@@ -124,11 +160,17 @@ def test_bad_experiment_is_rejected_before_any_compute(ckpts, tmp_path, entry, m
 
 
 def test_every_problem_is_reported_one_line_each(ckpts, tmp_path):
-    exps = [{"bogus": 1}, base_exp(ckpts, method="magic", mask_thr=2.0)]
+    """An unknown key does not hide the experiment's other problems, of any kind."""
+    exps = [{"bogus": 1, **base_exp(ckpts), "epochs": "2", "lr": float("nan"), "checkpoint": "nope.pt"},
+            base_exp(ckpts, method="magic", mask_thr=2.0)]
     r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 3
-    assert "experiment 0" in lines[0] and all("experiment 1" in x for x in lines[1:])
+    assert r.returncode == 2 and len(lines) == 6, r.stderr
+    for line, part in zip(lines, ("unknown key 'bogus'", "epochs: expected int", "lr: must be a finite",
+                                  "checkpoint: checkpoint nope.pt not found", "method: unknown method",
+                                  "mask_thr: 2.0 outside")):
+        assert part in line
+    assert all("experiment 0" in x for x in lines[:4]) and all("experiment 1" in x for x in lines[4:])
 
 
 @pytest.mark.parametrize("content, message", [
@@ -143,7 +185,18 @@ def test_malformed_experiment_file(tmp_path, content, message):
 def test_retrained_with_another_forget_set_is_rejected(ckpts, tmp_path):
     exps = [{**base_exp(ckpts), "class_to_forget": 1, "retrained": str(ckpts["gold"])}]
     r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
-    assert r.returncode == 2 and "retrained" in r.stderr and "different forget set" in r.stderr
+    assert r.returncode == 2 and "retrained" in r.stderr
+    assert f"{ckpts['gold']} was retrained without 136 samples, not the 127 this experiment forgets (class 1)" \
+        in r.stderr
+
+
+def test_retrained_with_another_validation_set_is_rejected(ckpts, tmp_path):
+    gold = utils.load_checkpoint(ckpts["gold"])
+    other = tmp_path / "other_seed.pt"
+    utils.save_checkpoint(other, gold["state_dict"], dict(gold["config"], val_idx=gold["config"]["val_idx"][1:], seed=9))
+    r = run_script("main.py", "-L", write(tmp_path, [base_exp(ckpts, retrained=str(other))]), "-NL",
+                   "--out", tmp_path / "out")
+    assert r.returncode == 2 and "holds out another validation set" in r.stderr and "train both with one --seed" in r.stderr
 
 
 def test_single_experiment_from_flags_and_nexp_zero(ckpts, tmp_path):
@@ -170,3 +223,34 @@ def test_shipped_experiment_files_are_well_formed():
             e = main.Experiment(**{"seed": 0, "batch_size": 64, **entry})
             assert main.range_problems(e) == [], (path, entry)
             assert e.retrained and Path(e.checkpoint).name.startswith("resnet18_")
+
+
+def test_resume_refuses_flags_that_would_change_the_run(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    for extra in (("-L", "exp/demo.json"), ("--nexp", "5"), ("-LR", "0.5"), ("--seed", "3")):
+        r = run_script("main.py", "--resume", run_dir, *extra, "-NL")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"--resume continues {run_dir} exactly as it was configured; {extra[0]} would change it" in r.stderr
+    r = run_script("main.py", "--resume", tmp_path / "nope", "-NL")
+    assert r.returncode == 2 and f"run folder {tmp_path / 'nope'} not found" in r.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_resume_refuses_results_of_another_run(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(config, run_id="0" * 32)))
+    (other / "results.jsonl").write_text((run_dir / "results.jsonl").read_text())
+    r = run_script("main.py", "--resume", other, "-NL")
+    assert r.returncode == 2 and "holds 4 result line(s) of another run" in r.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "results.jsonl"]
+
+
+def test_unwritable_out_stops_before_any_compute(ckpts, tmp_path):
+    (tmp_path / "afile").write_text("")
+    r = run_script("main.py", "-L", write(tmp_path, [base_exp(ckpts)]), "-NL", "--out", tmp_path / "afile" / "out")
+    assert r.returncode == 2 and "--out" in r.stderr and "is a file, not a folder" in r.stderr
+    assert "precision" not in r.stdout
