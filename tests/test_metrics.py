@@ -1,9 +1,13 @@
+import json
 import math
 
 import pytest
 import torch
 
+import datasets
 import metrics
+from conftest import run_script
+from utils import compute_for, load_model
 
 
 def out(pred, y, loss=None, conf=None):
@@ -88,3 +92,37 @@ def test_gap_and_avg_gap_by_hand():
 def test_split_table_counts_and_losses():
     t = metrics.split_table({"forget": out([1, 0], [1, 1], loss=[0.5, 1.5])})
     assert t == {"forget": {"n": 2, "acc": 50.0, "loss": 1.0}}
+
+
+def test_report_of_a_real_model_matches_a_direct_computation(ckpts, digits):
+    """UA/RA/TA/VA and the forgotten class's accuracies, recomputed here one split at a time."""
+    model, cfg = load_model(ckpts["base"], torch.device("cpu"))
+    split = datasets.make_split(digits, datasets.ForgetSpec(class_to_forget=0), val_idx=cfg["val_idx"])
+    m = metrics.report(metrics.evaluate(model, digits, split, compute_for(torch.device("cpu"), "fp32")), mia=False)
+    model.eval()
+
+    def acc(x, y):
+        with torch.no_grad():
+            return 100.0 * (model(digits.prepare(x)).argmax(1) == y).float().mean().item()
+
+    train = lambda idx: acc(digits.x_train[idx], digits.y_train[idx])  # noqa: E731
+    in_val = torch.zeros(len(digits.y_train), dtype=torch.bool)
+    in_val[cfg["val_idx"]] = True
+    zero, zero_test = digits.y_train == 0, digits.y_test == 0
+    assert m["UA"] == pytest.approx(100 - train(zero & ~in_val), abs=1e-4)
+    assert m["RA"] == pytest.approx(train(~zero & ~in_val), abs=1e-4)
+    assert m["VA"] == pytest.approx(train(~zero & in_val), abs=1e-4)
+    assert m["VA_forgotten"] == pytest.approx(train(zero & in_val), abs=1e-4)
+    assert m["TA"] == pytest.approx(acc(digits.x_test[~zero_test], digits.y_test[~zero_test]), abs=1e-4)
+    assert m["TA_forgotten"] == pytest.approx(acc(digits.x_test[zero_test], digits.y_test[zero_test]), abs=1e-4)
+
+
+@pytest.mark.parametrize("gold", ["cf3", "rf"])
+def test_gold_standards_forget_set_looks_like_unseen_data_to_the_loss_attack(more_golds, tmp_path, gold):
+    """A model that never trained on the forget set cannot tell it from other unseen samples
+    of its distribution: the loss attack's AUC reads 50, up to the sampling noise of ~130
+    forget samples (a standard error of about 5 points for class 3, 3 for a random 10%)."""
+    r = run_script("base_test.py", "-c", more_golds[gold], "--out", tmp_path / "bt.json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads((tmp_path / "bt.json").read_text())
+    assert 40 <= row["loss_MIA_AUC"] <= 60, row["loss_MIA_AUC"]

@@ -84,6 +84,16 @@ def other_dataset(path, tmp, ckpts):
     utils.save_checkpoint(path, ck["state_dict"], dict(ck["config"], dataset="fashionmnist"))
 
 
+def old_format(path, tmp, ckpts):
+    """A checkpoint as the toolkit wrote them before validation sets were drawn first."""
+    ck = utils.load_checkpoint(ckpts["base"])
+    utils.save_checkpoint(path, ck["state_dict"], {k: v for k, v in ck["config"].items() if k != "format"})
+
+
+def nan_lr(path, tmp, ckpts):
+    path.write_text(f'[{{"checkpoint": "{ckpts["base"]}", "class_to_forget": 0, "lr": NaN}}]')
+
+
 DIR = "<dir>"
 DROP = object()
 
@@ -175,10 +185,29 @@ BAD_INPUT = [
          "experiment 0: retrained: checkpoint {tmp}/evil.pt refused"),
     case("main-truncated-checkpoint", "main.py", ("-c", "{tmp}/half.pt", "-CF", "0", *MAIN_FLAGS),
          {"half.pt": truncated}, "checkpoint: checkpoint {tmp}/half.pt is truncated or corrupted"),
+    case("main-lr-nan", "main.py", MAIN_FILE, {"exp.json": nan_lr},
+         "experiment 0: lr: must be a finite number, got NaN"),
+    case("main-flag-lr-inf", "main.py", ("-c", "{base}", "-CF", "0", "-LR", "inf", "-NL", "--out", "{tmp}/out"), {},
+         "command line: experiment 0: lr: must be a finite number, got Infinity"),
+    case("main-out-not-writable", "main.py", ("-c", "{base}", "-CF", "0", "-E", "1", "-NL", "--out", "/proc/salun"),
+         {}, "--out /proc/salun is not writable"),
+    case("main-old-format", "main.py", ("-c", "{tmp}/old.pt", "-CF", "0", *MAIN_FLAGS), {"old.pt": old_format},
+         "checkpoint: checkpoint {tmp}/old.pt has the old split format 1"),
+    case("main-idx-names-validation", "main.py", MAIN_FILE,
+         {"idx.json": [5, 59], "exp.json": exp(class_to_forget=DROP, idxs_to_forget=IDX)},
+         "experiment 0: idxs_to_forget: index file {tmp}/idx.json names 1 validation sample(s) of this model "
+         "(e.g. index 59)"),
+    case("main-resume-other-flags", "main.py", ("--resume", "{tmp}/run", "--nexp", "3", "-NL"),
+         {"run/config.json": {"experiments": [], "names": [], "nexp": 1}},
+         "--resume continues {tmp}/run exactly as it was configured; --nexp would change it"),
     # train.py (test_train.py covers --cf 10, --unlr 1.5, two specs, a missing --itf,
     # an unknown dataset, a misspelt model, --epochs 0, and --overwrite)
     *[case(f"train-itf-{id}", "train.py", (*TRAIN, "--itf", IDX), {"idx.json": content}, message)
       for id, content, message in BAD_INDEX_FILES],
+    case("train-itf-names-validation", "train.py", (*TRAIN, "--itf", IDX), {"idx.json": [59]},
+         "index file {tmp}/idx.json names 1 validation sample(s) of this model (e.g. index 59)"),
+    case("train-save-dir-not-writable", "train.py", (*TRAIN[:-1], "/proc/salun"), {},
+         "--save-dir /proc/salun is not writable"),
     case("train-unknown-model", "train.py", (*TRAIN, "--model", "no_such_net"),
          {}, "unknown model 'no_such_net'; see timm.list_models() (e.g. resnet18"),
     case("train-unknown-dataset", "train.py", (*TRAIN, "--dataset", "mnist2"),
@@ -192,6 +221,11 @@ BAD_INPUT = [
          "class_to_forget: class 10 out of range 0..9"),
     case("base-test-unlr", "base_test.py", ("-c", "{base}", "--unlr", "1.5", *BASE_TEST), {},
          "unlearning_rate: 1.5 outside (0, 1)"),
+    case("base-test-out-not-writable", "base_test.py", ("-c", "{base}", "--out", "/proc/salun/bt.json"), {},
+         "--out folder /proc/salun is not writable"),
+    case("base-test-old-format", "base_test.py", ("-c", "{tmp}/old.pt", *BASE_TEST), {"old.pt": old_format},
+         "checkpoint {tmp}/old.pt has the old split format 1 (its validation set depends on its forget set); "
+         "retrain it with train.py"),
     case("base-test-itf-duplicates", "base_test.py", ("-c", "{base}", "--itf", IDX, *BASE_TEST),
          {"idx.json": [5, 5]}, "index 5 appears more than once"),
     # the latent-space scripts
@@ -418,15 +452,18 @@ def test_diverging_run_is_recorded_and_the_list_goes_on(ckpts, tmp_path):
     epoch = diverged["diverged_at"]
     assert epoch is not None, "lr 1e6 did not make the loss non-finite"
     assert len(diverged["history"]) == epoch - 1  # every recorded epoch had a finite loss
-    last = diverged["metrics"]  # the last finite metrics (here: before unlearning, epoch 1 diverged)
-    assert {"UA", "RA", "TA", "VA"} <= set(last) and all(math.isfinite(last[k]) for k in ("UA", "RA", "TA", "VA"))
+    assert diverged["metrics"] is None and "gap" not in diverged  # nothing a mean could take in
     assert after["diverged_at"] is None and after["history"]  # the next experiment ran to its end
     assert not (run_dir / "00_ga_class-0.pt").exists()  # no checkpoint full of NaN
     assert "00_ga_class-0: diverged" in r.stderr and (run_dir / "01_ft_class-0.pt").is_file()
     summary = summary_numbers(run_dir)
-    assert summary[("00_ga_class-0", "class 0")]["diverged"] == f"1/1 (epoch {epoch})"
+    row = summary[("00_ga_class-0", "class 0")]
+    assert row["diverged"] == f"1/1 diverged (epoch {epoch})"
+    assert row["UA"] == row["RA"] == row["avg_gap"] == ""  # not the base model's numbers
     assert summary[("01_ft_class-0", "class 0")]["diverged"] == ""
-    assert f"1/1 (epoch {epoch})" in (run_dir / "summary.md").read_text()
+    md = (run_dir / "summary.md").read_text()
+    ga_line = next(line for line in md.splitlines() if "00_ga_class-0" in line)
+    assert f"1/1 diverged (epoch {epoch})" in ga_line and "| n/a | n/a |" in ga_line
 
 
 # ---------------------------------------------------------------- 6. wandb without network

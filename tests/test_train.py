@@ -45,7 +45,7 @@ def test_random_forgetting_is_reproducible_and_itf_reuses_it(tmp_path):
     a = json.loads((tmp_path / "test_resnet_digits_a_forget.json").read_text())
     b = json.loads((tmp_path / "test_resnet_digits_b_forget.json").read_text())
     assert a == b and len(a) == int(0.1 * (1437 - 143)) and a == sorted(a)
-    r = train(tmp_path, "--itf", tmp_path / "test_resnet_digits_a_forget.json")
+    r = train(tmp_path, "--itf", tmp_path / "test_resnet_digits_a_forget.json", "--seed", "1")
     again = json.loads((tmp_path / "test_resnet_digits_itf_test_resnet_digits_a_forget.json").read_text())
     assert again == a
     assert "top-1" in r.stdout
@@ -86,21 +86,21 @@ def test_fashionmnist_from_the_debian_folder_when_installed(tmp_path):
     assert ds.y_train.max() == 9
 
 
-def test_base_and_gold_standards_share_one_validation_set(tmp_path, digits):
-    """Trained with one seed, a base model and its gold standards (a class, a random 10%)
-    hold out the same samples; no forgotten sample is one of them; and each gold model's
+def test_base_and_gold_standards_share_one_validation_set(ckpts, more_golds, digits):
+    """Trained with one seed, a base model and its gold standards (classes 0 and 3, a random
+    10%) hold out the same samples; no forgotten sample is one of them; and each gold model's
     forget set is exactly the one main.py forgets from the base model."""
-    train(tmp_path, "--seed", "2")
-    train(tmp_path, "--seed", "2", "--cf", "3")
-    train(tmp_path, "--seed", "2", "--unlr", "0.1")
-    base, cf3, rf = (torch.load(tmp_path / f"test_resnet_digits_{c}.pt", weights_only=True)["config"]
-                     for c in ("base", "cf3", "rf0.1"))
-    assert base["val_idx"] == cf3["val_idx"] == rf["val_idx"] and base["forget_idx"] == []
-    for gold, spec in ((cf3, ForgetSpec(class_to_forget=3)), (rf, ForgetSpec(unlearning_rate=0.1))):
-        assert not set(gold["forget_idx"]) & set(base["val_idx"])
-        e = main.Experiment(checkpoint=str(tmp_path / "test_resnet_digits_base.pt"), seed=2, batch_size=64,
+    base = utils.load_checkpoint(ckpts["base"])["config"]
+    specs = {ckpts["gold"]: ForgetSpec(class_to_forget=0), more_golds["cf3"]: ForgetSpec(class_to_forget=3),
+             more_golds["rf"]: ForgetSpec(unlearning_rate=0.1)}
+    assert base["forget_idx"] == []
+    for path, spec in specs.items():
+        gold = utils.load_checkpoint(path)["config"]
+        assert gold["val_idx"] == base["val_idx"] and gold["seed"] == base["seed"]
+        assert gold["forget_idx"] and not set(gold["forget_idx"]) & set(base["val_idx"])
+        e = main.Experiment(checkpoint=str(ckpts["base"]), retrained=str(path), seed=base["seed"], batch_size=64,
                             **spec.to_config())
-        assert main.Checker("data").problems(e) == []
+        assert main.Checker("data").problems(e) == []  # main.py accepts it as the gold standard
         split = datasets.make_split(digits, e.spec, seed=e.seed, val_idx=base["val_idx"])  # as main.prepare
         assert split.forget.tolist() == gold["forget_idx"]
 
