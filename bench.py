@@ -184,7 +184,7 @@ def seed_pipeline_speedup(size, device, workers):
     from utils import compute_for
 
     n = size["batch"] * size["batches"]
-    compute = compute_for(device)
+    compute = compute_for(device, size["precision"])
     ds = synthetic_cifar(n, device)
     model = our_model(size["model"], ds, compute)
     run = our_run(ds, compute, size["batch"])
@@ -223,7 +223,7 @@ def data_path_speedup(size, device, workers):
     from utils import compute_for, make_generator
 
     n, batch = size["images"], size["batch"]
-    compute = compute_for(device)
+    compute = compute_for(device, size["precision"])
     ds = synthetic_cifar(n, device)
     gen = make_generator(0, device)
     idx = torch.arange(n, device=device)
@@ -253,7 +253,7 @@ def data_overhead(size, device, workers):
     from utils import compute_for, make_generator
 
     n = size["batch"] * size["batches"]
-    compute = compute_for(device)
+    compute = compute_for(device, size["precision"])
     ds = synthetic_cifar(n, device)
     model = our_model(size["model"], ds, compute)
     run = our_run(ds, compute, size["batch"])
@@ -304,7 +304,7 @@ def mask_speedup(size, device, workers):
     from methods import forget_gradients, mask_from_gradients
     from utils import compute_for
 
-    compute = compute_for(device)
+    compute = compute_for(device, size["precision"])
     ds = synthetic_cifar(size["forget"], device)
     model = our_model(size["model"], ds, compute)
     run = our_run(ds, compute, 64, split=SimpleNamespace(forget=torch.arange(size["forget"], device=device)))
@@ -387,7 +387,7 @@ def rte_setup(size, device):
     from methods import make_optimizer
     from utils import compute_for
 
-    compute = compute_for(device)
+    compute = compute_for(device, size["precision"])
     ds = datasets.load_dataset("digits", device=device)
     if size["train"]:
         n = size["train"]
@@ -498,11 +498,11 @@ def table(records):
     return "\n".join(line.rstrip() for line in out)
 
 
-def run_row(name, mode, device, workers):
+def run_row(name, mode, device, workers, precision):
     fn, direction, goal = ROWS[name]
     start = time.perf_counter()
     try:
-        r = fn({**SIZES[mode][name], "model": MODEL[mode]}, device, workers)
+        r = fn({**SIZES[mode][name], "model": MODEL[mode], "precision": precision}, device, workers)
     except ImportError as e:
         return {"error": f"cannot import {e.name or e} ({e})", "goal": goal, "direction": direction}
     met = r.ratio >= goal if direction == ">=" else r.ratio <= goal
@@ -510,7 +510,7 @@ def run_row(name, mode, device, workers):
           f"in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return {"ours_s": r.ours_s, "reference_s": r.reference_s, "ratio": r.ratio, "goal": goal,
             "direction": direction, "met": met, "size": r.size, "note": r.note, "mode": mode,
-            "device": str(device)}
+            "device": str(device), "precision": precision}
 
 
 def parse_args(argv=None):
@@ -526,11 +526,13 @@ def parse_args(argv=None):
                         "cores the PIL data path alone runs 1.5x faster than with 0, and training "
                         "runs as fast)")
     p.add_argument("--json", default=None, help="write the figures to this file")
+    from utils import add_precision_flag
+    add_precision_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    from utils import UserError, atomic_write_text, get_device
+    from utils import UserError, announce_compute, atomic_write_text, compute_for, default_precision, get_device
     args = parse_args(argv)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -540,16 +542,20 @@ def main(argv=None):
     device = get_device(args.device)
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    asked = args.precision or default_precision()
+    compute = compute_for(device, asked)
+    announce_compute(compute, asked)
+    precision = compute.precision
     print(f"bench: {mode} mode on {device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})", file=sys.stderr, flush=True)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    records = {name: run_row(name, mode, device, args.workers) for name in names}
+    records = {name: run_row(name, mode, device, args.workers, precision) for name in names}
     print(table(records))
     if "rte_ratio" in records:
         print(f"rte_ratio = (mask + {UNLEARN_EPOCHS} x rl_split epoch + evaluate) / "
               f"({RETRAIN_EPOCHS} x (retain epoch + val pass) + evaluate), each term measured on digits")
     # other work on the machine skews every row: the load average says how much there was
-    print(f"({mode} mode, {device}, {time.perf_counter() - start:.0f}s; 1-min load average "
+    print(f"({mode} mode, {device}, {precision}, {time.perf_counter() - start:.0f}s; 1-min load average "
           f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores)")
     if args.json:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")

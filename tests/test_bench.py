@@ -16,9 +16,10 @@ def test_smoke_mode_writes_every_row(tmp_path):
             assert isinstance(row[key], float) and row[key] > 0, (name, key, row[key])
         assert isinstance(row["met"], bool), name
         assert row["direction"] in (">=", "<="), name
-        assert row["mode"] == "smoke" and row["size"], name
+        assert row["mode"] == "smoke" and row["size"] and row["precision"] in ("fp32", "bf16"), name
     for name in bench.ROWS:
         assert name in proc.stdout  # the table
+    assert "precision: " in proc.stdout
 
 
 def test_subset_and_unknown_rows():

@@ -41,7 +41,8 @@ def read_rows(run_dir):
 
 
 def without_rte(row):
-    return {k: v for k, v in row.items() if k != "rte_s"}
+    """A results line without what differs between two identical runs: time and run folder id."""
+    return {k: v for k, v in row.items() if k not in ("rte_s", "run_id")}
 
 
 def summary_numbers(run_dir):
