@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 CKPT := checkpoints
 BASE := $(CKPT)/resnet18_digits_base.pt
 GOLD := $(CKPT)/resnet18_digits_cf0.pt
+GOLD_RF := $(CKPT)/resnet18_digits_rf0.1.pt
 
-.PHONY: setup test demo clean-demo
+.PHONY: setup test demo demo-random clean-demo
 
 setup: $(STAMP)
 
@@ -27,6 +28,9 @@ $(BASE): | $(STAMP)
 $(GOLD): | $(STAMP)
 	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 --cf 0 -NL
 
+$(GOLD_RF): | $(STAMP)
+	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 --unlr 0.1 -NL
+
 # The demo's run folder and its analysis are rebuilt on every `make demo`.
 DEMO := output/demo
 DEMO_FEATURES := features/checkpoints features/$(DEMO)
@@ -40,5 +44,10 @@ demo: $(BASE) $(GOLD)
 	$(PY) wasserstein.py -S 500 --folders $(DEMO_FEATURES)
 	@echo "summary: $(DEMO)/summary.md; plots: $(DEMO)/*.png, images/"
 
+# Random forgetting of 10%, where doing nothing is the baseline to beat (about 3 minutes).
+demo-random: $(BASE) $(GOLD_RF)
+	rm -rf output/demo_random
+	$(PY) main.py -L exp/demo_random.json --nexp 3 -NL --name demo_random
+
 clean-demo:
-	rm -rf $(BASE) $(GOLD) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json) $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)
+	rm -rf $(BASE) $(GOLD) $(GOLD_RF) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json) $(GOLD_RF:.pt=_forget.json) output/demo_random $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)

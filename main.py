@@ -540,13 +540,16 @@ def resume_plan(args):
     if fixed:
         raise UserError(f"--resume continues {run_dir} exactly as it was configured; {', '.join(fixed)} would "
                         f"change it (only --device and -NL may be given): start a new run instead")
+    if not {"run_id", "precision"} <= set(saved):
+        raise UserError(f"{run_dir} was written by an older version of main.py (no run_id or precision in "
+                        f"its config.json) and cannot be resumed; start a new run")
     check_writable(run_dir, "run folder")
     experiments = resolve(saved["experiments"], {}, run_dir / "config.json", saved["data_dir"])
     args.data_dir = saved["data_dir"]
     return experiments, saved
 
 
-def plan(args):
+def plan(args, device):
     """(experiments, config) — all checked, the run folder made, nothing computed.
     A resumed run keeps its config.json, precision included."""
     if args.resume:
@@ -565,13 +568,12 @@ def plan(args):
         entries, where = [overrides], "command line"
     experiments = resolve(entries, defaults, where, args.data_dir)
     check_writable(args.out, "--out")
-    precision = args.precision or default_precision()
-    compute = compute_for(get_device(args.device), precision)
+    compute = compute_for(device, args.precision or default_precision())
     label = Path(args.load).stem if args.load else "cli"
     run_dir = unique_dir(args.out, args.name or f"{timestamp()}_{label}")
     config = {"experiments": [asdict(e) for e in experiments], "names": experiment_names(experiments),
               "nexp": args.nexp, "data_dir": args.data_dir, "precision": compute.precision,
-              "device_name": device_name(compute.device), "run_id": uuid.uuid4().hex, "command": sys.argv}
+              "device_name": device_name(device), "run_id": uuid.uuid4().hex, "command": sys.argv}
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
     return experiments, {**config, "run_dir": str(run_dir)}
 
@@ -590,10 +592,10 @@ def save_outputs(run_dir, name, e, ctx, model, mask, result):
 def main(argv=None):
     args = parse_args(argv)
     device = get_device(args.device)
-    experiments, config = plan(args)
+    experiments, config = plan(args, device)
     run_dir = Path(config.get("run_dir") or args.resume)
     names, nexp = config["names"], config["nexp"]
-    compute = compute_for(device, config.get("precision", "fp32"))
+    compute = compute_for(device, config["precision"])
     announce_compute(compute, config["precision"])
     results_path = run_dir / "results.jsonl"
     rows = read_results(results_path, config["run_id"])

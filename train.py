@@ -72,8 +72,8 @@ def default_comment(spec):
 
 def check_args(args):
     """Everything that can be wrong with the command line, before any data is read."""
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise UserError("--epochs, --batch-size and --lr must be positive")
+    if args.epochs < 1 or args.batch_size < 1 or not 0 < args.lr < math.inf:
+        raise UserError("--epochs, --batch-size and --lr must be positive (and --lr finite)")
     datasets.check_dataset_name(args.dataset)
     check_model_name(args.model)
     spec = forget_spec(args)

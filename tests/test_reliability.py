@@ -139,7 +139,7 @@ TRAIN = ("--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "-NL"
 BASE_TEST = ("--out", "{tmp}/bt.json", "--no-mia")
 IDX = "{tmp}/idx.json"
 
-BAD_INDEX_FILES = [  # (id, content, message): each through main.py and train.py
+BAD_INDEX_FILES = [  # (id, content, message): each through main.py
     ("not-a-list", {"0": 1}, "must hold a list of indices, got dict"),
     ("non-integers", [1, 2.5], "holds non-integers, e.g. 2.5"),
     ("duplicates", [3, 7, 3], "index 3 appears more than once"),
@@ -201,10 +201,13 @@ BAD_INPUT = [
     case("main-resume-other-flags", "main.py", ("--resume", "{tmp}/run", "--nexp", "3", "-NL"),
          {"run/config.json": {"experiments": [], "names": [], "nexp": 1}},
          "--resume continues {tmp}/run exactly as it was configured; --nexp would change it"),
+    case("main-resume-older-folder", "main.py", ("--resume", "{tmp}/run", "-NL"),
+         {"run/config.json": {"experiments": [], "names": [], "nexp": 1, "data_dir": "data"}},
+         "{tmp}/run was written by an older version of main.py"),
     # train.py (test_train.py covers --cf 10, --unlr 1.5, two specs, a missing --itf,
     # an unknown dataset, a misspelt model, --epochs 0, and --overwrite)
-    *[case(f"train-itf-{id}", "train.py", (*TRAIN, "--itf", IDX), {"idx.json": content}, message)
-      for id, content, message in BAD_INDEX_FILES],
+    case("train-itf-duplicates", "train.py", (*TRAIN, "--itf", IDX), {"idx.json": [3, 7, 3]},
+         "index 3 appears more than once"),  # the other index-file cases share main.py's reader
     case("train-itf-names-validation", "train.py", (*TRAIN, "--itf", IDX), {"idx.json": [59]},
          "index file {tmp}/idx.json names 1 validation sample(s) of this model (e.g. index 59)"),
     case("train-save-dir-not-writable", "train.py", (*TRAIN[:-1], "/proc/salun"), {},
