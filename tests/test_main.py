@@ -82,20 +82,41 @@ def test_saved_mask_is_the_saliency_mask_of_the_base_model(finished_run, ckpts, 
     assert saved["config"]["zero_fraction"] == pytest.approx(float((kept == 0).float().mean()), abs=1e-3)
 
 
-def test_do_nothing_row_carries_the_base_models_gap(finished_run):
-    """The base row's Avg. Gap is the mean of its |UA|, |RA|, |TA|, |MIA| differences from the
-    gold row, and each experiment says whether it beats it."""
-    run_dir, _ = finished_run
+def summary_rows(run_dir):
     with open(run_dir / "summary.csv", newline="") as f:
-        rows = {r["experiment"]: r for r in csv.DictReader(f)}
+        return {r["experiment"]: r for r in csv.DictReader(f)}
+
+
+def assert_base_row_has_the_gap_by_hand(rows):
+    """The base row's Avg. Gap is the mean of its |UA|, |RA|, |TA|, |MIA| differences from
+    the gold row."""
     base, gold = rows["base (before)"], rows["gold standard"]
     gaps = [abs(float(base[k]) - float(gold[k])) for k in ("UA", "RA", "TA", "MIA")]
     for k, g in zip(("UA_gap", "RA_gap", "TA_gap", "MIA_gap"), gaps):
         assert float(base[k]) == pytest.approx(g, abs=1e-3)
     assert float(base["avg_gap"]) == pytest.approx(sum(gaps) / 4, abs=1e-3)
+    return float(base["avg_gap"])
+
+
+def test_do_nothing_row_carries_the_base_models_gap(finished_run):
+    rows = summary_rows(finished_run[0])
+    do_nothing = assert_base_row_has_the_gap_by_hand(rows)
     masked = rows["00_rl_split_mask0.2_class-0"]
-    assert masked["beats_do_nothing"] == ("yes" if float(masked["avg_gap"]) < float(base["avg_gap"]) else "no")
+    assert masked["beats_do_nothing"] == ("yes" if float(masked["avg_gap"]) < do_nothing else "no")
     assert rows["01_ascent"]["beats_do_nothing"] == ""  # no gold standard named
+
+
+def test_do_nothing_baseline_for_random_forgetting(ckpts, more_golds, tmp_path):
+    exps = [{"checkpoint": str(ckpts["base"]), "unlearning_rate": 0.1, "method": m, "lr": 0.03, "epochs": 1,
+             "retrained": str(more_golds["rf"])} for m in ("ft", "rl")]
+    r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = summary_rows(run_dir)
+    do_nothing = assert_base_row_has_the_gap_by_hand(rows)
+    beats = [rows[n]["beats_do_nothing"] == "yes" for n in ("00_ft_random-0.1", "01_rl_random-0.1")]
+    assert beats == [float(rows[n]["avg_gap"]) < do_nothing for n in ("00_ft_random-0.1", "01_rl_random-0.1")]
+    assert f"{sum(beats)} of 2 experiments are closer to the gold standard than the original model" in r.stdout
 
 
 def test_base_test_and_main_agree_on_the_gold_standard(finished_run, ckpts, tmp_path):
