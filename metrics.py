@@ -116,25 +116,26 @@ def loss_mia(loss_retain, loss_val, loss_forget, loss_ref):
 
     Fitted on retain (members, 1) against validation (non-members, 0), the two classes
     weighted equally, then scored on forget samples (1) against `loss_ref`, non-members
-    of the forget set's own distribution (the forgotten class's test samples for class
-    forgetting, the test set otherwise). Returns (AUC in percent, % of forget samples
-    predicted non-members). The fit is deterministic (no sampling, no seed); its score is
-    monotone in the loss, so the AUC is the rank statistic of forget against reference
-    losses in the direction the attack learnt, and the fitted threshold gives the share.
+    of the forget set's own distribution (see `reference_losses`). Returns (AUC in
+    percent, % of forget samples predicted non-members). The fit is deterministic (no
+    sampling, no seed). Its decision function is linear in the log-loss, so the AUC is the
+    rank statistic of forget against reference losses in the direction the attack learnt;
+    it is taken on the decision function, not on probabilities, which round to exactly 1
+    for the smallest losses and would tie.
     """
     if min(len(loss_val), len(loss_forget), len(loss_ref), len(loss_retain)) == 0:
         return float("nan"), float("nan")
     from sklearn.linear_model import LogisticRegression
 
-    def feature(loss):
-        return np.log(loss.double().numpy() + 1e-12).reshape(-1, 1)
+    def feature(loss):  # a loss below float32's smallest positive value counts as that value
+        return np.log(np.maximum(loss.double().numpy(), 1e-45)).reshape(-1, 1)
 
     x = np.r_[feature(loss_retain), feature(loss_val)]
     y = np.r_[np.ones(len(loss_retain)), np.zeros(len(loss_val))]
     clf = LogisticRegression(class_weight="balanced").fit(x, y)
-    p_forget = clf.predict_proba(feature(loss_forget))[:, 1]
-    p_ref = clf.predict_proba(feature(loss_ref))[:, 1]
-    return 100.0 * auc(p_forget, p_ref), 100.0 * float((p_forget < 0.5).mean())
+    s_forget = clf.decision_function(feature(loss_forget))
+    s_ref = clf.decision_function(feature(loss_ref))
+    return 100.0 * auc(s_forget, s_ref), 100.0 * float((s_forget < 0).mean())
 
 
 def reference_losses(outs):
