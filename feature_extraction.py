@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 import datasets
 from datasets import ForgetSpec
-from utils import UserError, atomic_write_text, cli, compute_for, get_device, load_checkpoint, load_model
+from utils import (UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_checkpoint,
+                   load_model)
 
 FEATURES_ROOT = "features"
 DECIMALS = 6  # 1e-6 absolute is far below what t-SNE or OT resolve, and halves the file
@@ -146,6 +147,7 @@ def main(argv=None):
     folders = {folder: checkpoint_files(folder) for folder in dict.fromkeys(args.directory)}
     models = {}  # one built model per architecture, reloaded per checkpoint
     data = check_checkpoints([f for files in folders.values() for f in files], args.data_dir, device, models)
+    check_writable(args.out, "--out")
     for ds in data.values():
         if len(ds.y_train) < args.samples:
             print(f"{ds.name} has {len(ds.y_train)} training samples; embedding all of them")

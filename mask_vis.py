@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from datasets import ForgetSpec
-from utils import UserError, atomic_write, atomic_write_text, cli, load_checkpoint
+from utils import UserError, atomic_write, atomic_write_text, check_writable, cli, load_checkpoint
 from wasserstein import heatmap
 
 
@@ -214,6 +214,7 @@ def main(argv=None):
     if not any((Path(args.run_dir) / "masks").glob("*.pt")):
         raise UserError(f"no masks in {Path(args.run_dir) / 'masks'}; main.py saves one per "
                         f"experiment with use_mask")
+    check_writable(args.run_dir, "run folder")
     for path in plot_run(args.run_dir):
         print(path)
 

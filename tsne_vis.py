@@ -25,7 +25,7 @@ from matplotlib.lines import Line2D
 from PIL import Image
 
 from feature_extraction import FEATURES_ROOT, read_folders, relative_name
-from utils import UserError, atomic_write, cli
+from utils import UserError, atomic_write, check_writable, cli
 
 folders = [
     "features/reduced/base",
@@ -225,6 +225,7 @@ def main(argv=None):
     if args.samples < 4:
         raise UserError("-S/--samples must be at least 4")
     by_folder = read_folders(args.folders, args.samples)
+    check_writable(args.out, "--out")
     for group in joint_groups(by_folder):
         n = sum(len(points_of(f, args.proto)) for f in group)
         print(f"t-SNE of {len(group)} file(s) that forgot {group[0].forgets} ({n} points)", flush=True)

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from feature_extraction import FEATURES_ROOT, read_folders, relative_name
-from utils import UserError, atomic_write, atomic_write_text, cli
+from utils import UserError, atomic_write, atomic_write_text, check_writable, cli
 
 folders = [
     "features/reduced/base",
@@ -221,6 +221,7 @@ def main(argv=None):
     if args.samples < 2:
         raise UserError("-S/--samples must be at least 2")
     by_folder = read_folders(args.folders, args.samples)
+    check_writable(args.out, "--out")
     dists = {}
     for files in by_folder.values():
         for f in files:

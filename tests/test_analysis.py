@@ -203,6 +203,16 @@ def test_bad_features_folders(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "images").exists()
 
 
+def test_unwritable_output_folders_stop_before_any_compute(work, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    synthetic(tmp_path / "features/toy/a.json", {})
+    for main, args in ((tsne_vis.main, ["--folders", "features/toy"]),
+                       (wasserstein.main, ["--folders", "features/toy"]),
+                       (feature_extraction.main, ["-D", str(work / "ckpt"), "-S", "10"])):
+        code, err = exit_code(main, [*args, "--out", "/proc/salun"], capsys)
+        assert code == 2 and err == ["error: --out /proc/salun is not writable (No such file or directory in /proc)"]
+
+
 # ---------------------------------------------------------------- saliency masks
 
 def save_masks(work, run_dir, experiments):
