@@ -326,8 +326,8 @@ def unlearn(e, ctx, seed, logger):
 
 # ---------------------------------------------------------------- results
 
-SUMMARY_KEYS = ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "avg_gap", "rte_s", "mask_fraction",
-                "mask_zero_fraction")
+METRIC_KEYS = ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "avg_gap")  # n/a when missing
+SUMMARY_KEYS = METRIC_KEYS + ("rte_s", "mask_fraction", "mask_zero_fraction")
 CSV_ONLY_KEYS = ("TA_forgotten", "VA_forgotten", "loss_MIA_forget", "UA_gap", "RA_gap", "TA_gap", "MIA_gap")
 BEATS = "beats_do_nothing"
 
@@ -444,7 +444,7 @@ def write_summary(run_dir, table):
     header = [c for k in CSV_COLUMNS for c in ((k, k + "_std") if k in NUMERIC else (k,))]
     atomic_write_text(run_dir / "summary.csv", "\n".join([",".join(header)] + [csv_line(r) for r in table]) + "\n")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(cell(row.get(k, "n/a" if k in SUMMARY_KEYS[:7] else ""), k) for k in COLUMNS) + " |"
+    md += ["| " + " | ".join(cell(row.get(k, "n/a" if k in METRIC_KEYS else ""), k) for k in COLUMNS) + " |"
            for row in table]
     line = do_nothing_line(table)
     text = "\n".join(md) + ("\n\n" + line if line else "")
