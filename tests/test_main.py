@@ -268,10 +268,3 @@ def test_resume_refuses_results_of_another_run(finished_run, tmp_path):
     r = run_script("main.py", "--resume", other, "-NL")
     assert r.returncode == 2 and "holds 4 result line(s) of another run" in r.stderr
     assert sorted(p.name for p in other.iterdir()) == ["config.json", "results.jsonl"]
-
-
-def test_unwritable_out_stops_before_any_compute(ckpts, tmp_path):
-    (tmp_path / "afile").write_text("")
-    r = run_script("main.py", "-L", write(tmp_path, [base_exp(ckpts)]), "-NL", "--out", tmp_path / "afile" / "out")
-    assert r.returncode == 2 and "--out" in r.stderr and "is a file, not a folder" in r.stderr
-    assert "precision" not in r.stdout
