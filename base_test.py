@@ -15,8 +15,8 @@ from pathlib import Path
 import datasets
 import metrics
 from datasets import ForgetSpec
-from utils import (UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_model,
-                   load_model_checkpoint, timestamp)
+from models import load_model, load_model_checkpoint
+from utils import UserError, atomic_write_text, check_writable, cli, compute_for, get_device, timestamp
 
 
 def parse_args(argv=None):

@@ -137,7 +137,7 @@ def synthetic_cifar(n, device, seed=0):
 
 def our_model(name, ds, compute, seed=0):
     """The model as our scripts build it: small-image stem, on the device, channels_last if fast."""
-    from utils import create_model
+    from models import create_model
     torch.manual_seed(seed)
     model, _ = create_model(name, ds.num_classes, ds.in_chans, ds.img_size)
     fmt = torch.channels_last if compute.channels_last else torch.contiguous_format

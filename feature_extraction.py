@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 import datasets
 from datasets import ForgetSpec
-from utils import (UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_checkpoint,
-                   load_model)
+from models import load_model
+from utils import UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_checkpoint
 
 FEATURES_ROOT = "features"
 DECIMALS = 6  # 1e-6 absolute is far below what t-SNE or OT resolve, and halves the file

@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 import datasets
 import metrics
+import plots
 from datasets import ForgetSpec
 from methods import (METHODS, Run, cross_entropy, forget_gradients, make_optimizer, mask_from_gradients,
                      sgd_pass)
-from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write, atomic_write_text,
-                   check_writable, cli, compute_for, default_precision, device_name, get_device, load_model,
-                   load_model_checkpoint, make_generator, mean_std, model_from_config, save_checkpoint,
-                   seed_everything, timestamp, unique_dir)
+from models import load_model, load_model_checkpoint, model_from_config
+from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write_text,
+                   check_writable, cli, compute_for, default_precision, device_name, get_device,
+                   make_generator, mean_std, save_checkpoint, seed_everything, timestamp, unique_dir)
 
 
 @dataclass
@@ -449,33 +450,8 @@ def write_summary(run_dir, table):
     line = do_nothing_line(table)
     text = "\n".join(md) + ("\n\n" + line if line else "")
     atomic_write_text(run_dir / "summary.md", text + "\n")
-    plot_summary(run_dir / "summary.png", table)
+    plots.plot_summary(run_dir / "summary.png", table)
     return text
-
-
-def plot_summary(path, table):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [k for k in ("UA", "RA", "TA", "MIA", "avg_gap") if any(k in r for r in table)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(table) * len(keys) / 2), 4.5), dpi=100)
-    width = 0.8 / len(keys)
-    for j, k in enumerate(keys):
-        xs = [i + j * width for i, r in enumerate(table) if k in r]
-        ax.bar(xs, [r[k][0] for r in table if k in r], width, yerr=[r[k][1] for r in table if k in r],
-               label=k, capsize=2)
-    for r in table:  # the do-nothing reference: the original model's Avg. Gap
-        if r["experiment"] == "base (before)" and "avg_gap" in r:
-            ax.axhline(r["avg_gap"][0], color="black", linestyle="--", linewidth=1,
-                       label=f"do nothing: Avg. Gap {r['avg_gap'][0]:.2f} ({r['forget']})")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))])
-    ax.set_xticklabels([r["experiment"] for r in table], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("percent")
-    ax.set_title("Unlearning: mean ± std over runs")
-    ax.legend(ncol=len(keys), fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda out: fig.savefig(out, format="png"))
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the command line
@@ -624,8 +600,7 @@ def main(argv=None):
     table = summarize(names, experiments, rows, refs)
     md = write_summary(run_dir, table)
     if (run_dir / "masks").is_dir():
-        import mask_vis
-        mask_vis.plot_run(run_dir)
+        plots.plot_masks(run_dir)
     print(md)
     print(f"results: {run_dir}")
 

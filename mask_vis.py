@@ -12,197 +12,13 @@ with utils.load_checkpoint: {"state_dict": {parameter: bool tensor}, "config":
     mask_overlap.png   Jaccard index of the kept entries of every two masks
     mask_overlap.csv   the same numbers (both only when there are two or more masks)
 
-main.py calls plot_run(run_dir) at its end.
+main.py draws the same plots at its end (plots.plot_masks).
 """
 import argparse
-import csv
-import io
-import re
-import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt
-import numpy as np
-import torch
-
-from datasets import ForgetSpec
-from utils import UserError, atomic_write, atomic_write_text, check_writable, cli, load_checkpoint
-from wasserstein import heatmap
-
-
-@dataclass
-class SavedMask:
-    name: str
-    experiment: dict  # as main.py resolved it
-    keep: dict  # parameter name -> bool tensor
-
-    def label(self, method=True):
-        """What the experiment forgot, how (unless method=False), and the threshold."""
-        e = self.experiment
-        spec = ForgetSpec(**{k: e.get(k) for k in ForgetSpec().to_config()})
-        parts = [f"forgets {spec.describe()}"] + ([str(e.get("method", "?"))] if method else [])
-        if e.get("mask_thr") is not None:
-            parts.append(f"thr {e['mask_thr']:g}")
-        return ", ".join(parts)
-
-
-def read_mask(path):
-    ckpt = load_checkpoint(path)
-    keep = ckpt["state_dict"]
-    if not keep or any(t.dtype != torch.bool for t in keep.values()):
-        raise UserError(f"{path} is not a saliency mask (its tensors must be boolean)")
-    config = ckpt["config"]
-    return SavedMask(str(config.get("name") or path.stem), config.get("experiment") or {}, keep)
-
-
-def read_masks(run_dir):
-    return [read_mask(p) for p in sorted((Path(run_dir) / "masks").glob("*.pt"))]
-
-
-# ---------------------------------------------------------------- numbers
-
-def stage_of(name):
-    """A parameter's stage: 'layer3' for ResNets' layer3.1.conv2.weight, 'blocks.4' for
-    ViTs' blocks.4.attn.qkv.weight, else the first name part (conv1, bn1, fc, head)."""
-    parts = name.split(".")
-    if re.fullmatch(r"[a-z_]+\d+", parts[0]) or len(parts) < 3 or not parts[1].isdigit():
-        return parts[0]
-    return f"{parts[0]}.{parts[1]}"
-
-
-def kept_fractions(mask, names):
-    return np.array([mask.keep[n].float().mean().item() if n in mask.keep else np.nan for n in names])
-
-
-def stage_fractions(mask, stages):
-    """Kept fraction of each stage, counting entries (a big conv outweighs a bias)."""
-    kept, total = dict.fromkeys(stages, 0), dict.fromkeys(stages, 0)
-    for n, t in mask.keep.items():
-        kept[stage_of(n)] += int(t.sum())
-        total[stage_of(n)] += t.numel()
-    return np.array([kept[s] / total[s] if total[s] else np.nan for s in stages])
-
-
-def jaccard(a, b):
-    """|kept in both| / |kept in either| over the parameters both masks have."""
-    shared = [n for n in a.keep if n in b.keep and a.keep[n].shape == b.keep[n].shape]
-    if not shared:
-        return float("nan")
-    both = sum(int((a.keep[n] & b.keep[n]).sum()) for n in shared)
-    either = sum(int((a.keep[n] | b.keep[n]).sum()) for n in shared)
-    return both / either if either else float("nan")
-
-
-def same_entries(a, b):
-    return a.keep.keys() == b.keep.keys() and all(torch.equal(a.keep[n], b.keep[n]) for n in a.keep)
-
-
-def distinct(masks):
-    """[(mask, legend label)], one per set of identical masks. A mask depends only on the
-    checkpoint, the forget set and the threshold, so experiments that differ only in the
-    method share it, and their lines would lie on top of each other."""
-    groups = []
-    for m in masks:
-        group = next((g for g in groups if same_entries(g[0], m)), None)
-        if group:
-            group.append(m)
-        else:
-            groups.append([m])
-    return [(g[0], f"{g[0].name}: {g[0].label()}" if len(g) == 1 else
-             f"{len(g)} identical masks ({g[0].label(method=False)}): {', '.join(m.name for m in g)}")
-            for g in groups]
-
-
-def overlap_matrix(masks):
-    m = np.eye(len(masks))
-    for i in range(len(masks)):
-        for k in range(i + 1, len(masks)):
-            m[i, k] = m[k, i] = jaccard(masks[i], masks[k])
-    return m
-
-
-# ---------------------------------------------------------------- plots
-
-def shade_stages(ax, stages):
-    """Alternating bands, one per run of parameters of the same stage, named above the axes."""
-    bounds = [0] + [i for i in range(1, len(stages)) if stages[i] != stages[i - 1]] + [len(stages)]
-    for band, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        if band % 2 == 0:
-            ax.axvspan(start - 0.5, end - 0.5, color="0.92", zorder=0)
-        ax.text((start + end - 1) / 2, 1.01, stages[start], transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom", fontsize=7, rotation=90 if end - start < 3 else 0)
-
-
-def plot_layers(masks, path):
-    """One line (and one bar per stage) per distinct mask."""
-    masks, labels = zip(*distinct(masks))
-    labels = ["\n".join(textwrap.wrap(label, 100)) for label in labels]
-    names = list(dict.fromkeys(n for m in masks for n in m.keep))
-    stages = list(dict.fromkeys(stage_of(n) for n in names))
-    colors = plt.get_cmap("tab10")(np.arange(len(masks)) % 10)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(9, 0.12 * len(names)), 8), dpi=110,
-                                      gridspec_kw={"height_ratios": [3, 2], "hspace": 0.45})
-    shade_stages(top, [stage_of(n) for n in names])
-    for i, (m, c, label) in enumerate(zip(masks, colors, labels)):  # markers: masks that nearly coincide
-        top.plot(kept_fractions(m, names), marker="os^Dv<>"[i % 7], color=c, markersize=3.5, linewidth=1,
-                 alpha=0.85, label=label)
-    top.set(xlim=(-0.5, len(names) - 0.5), ylim=(-0.02, 1.02), ylabel="kept fraction",
-            xlabel="parameter, in model order")
-    top.set_title("Kept fraction per parameter", pad=40)
-    width = 0.8 / len(masks)
-    x = np.arange(len(stages))
-    for i, (m, c) in enumerate(zip(masks, colors)):
-        bottom.bar(x + (i - (len(masks) - 1) / 2) * width, stage_fractions(m, stages), width, color=c)
-    slant = len(stages) > 8  # e.g. a ViT's twelve blocks
-    bottom.set_xticks(x, stages, rotation=45 if slant else 0, ha="right" if slant else "center")
-    bottom.set(ylim=(0, 1), ylabel="kept fraction")
-    bottom.set_title("Kept fraction per stage (weighted by entries)")
-    ncol = 1 if any("\n" in label for label in labels) else min(2, len(masks))
-    rows = sum(label.count("\n") + 1 for label in labels) if ncol == 1 else (len(masks) + 1) // 2
-    fig.legend(*top.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.subplots_adjust(bottom=0.08 + 0.025 * rows, top=0.88)
-    atomic_write(path, lambda out: fig.savefig(out, format="png"))
-    plt.close(fig)
-
-
-def plot_overlap(masks, m, path):
-    labels = [f"{k.name}\n({k.label()})" for k in masks]
-    size = max(6.0, 1.1 * len(masks) + 3)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=110)
-    heatmap(ax, m, labels, "magma", 0.0, 1.0, "Jaccard index of kept entries")  # the index's own range
-    ax.tick_params(labelsize=7)
-    ax.set_title("Overlap of the saliency masks", fontsize=10)
-    atomic_write(path, lambda out: fig.savefig(out, format="png", bbox_inches="tight"))
-    plt.close(fig)
-
-
-def write_overlap_csv(masks, m, path):
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["mask"] + [k.name for k in masks])
-    for k, row in zip(masks, m):
-        w.writerow([k.name] + [f"{v:.6f}" for v in row])
-    atomic_write_text(path, buf.getvalue())
-
-
-def plot_run(run_dir):
-    """The mask plots of one main.py run folder; returns the files written ([] without masks)."""
-    run_dir = Path(run_dir)
-    masks = read_masks(run_dir)
-    if not masks:
-        return []
-    written = [run_dir / "mask_layers.png"]
-    plot_layers(masks, written[0])
-    if len(masks) >= 2:
-        m = overlap_matrix(masks)
-        written += [run_dir / "mask_overlap.png", run_dir / "mask_overlap.csv"]
-        plot_overlap(masks, m, written[1])
-        write_overlap_csv(masks, m, written[2])
-    return written
+from plots import plot_masks
+from utils import UserError, check_writable, cli
 
 
 def main(argv=None):
@@ -215,7 +31,7 @@ def main(argv=None):
         raise UserError(f"no masks in {Path(args.run_dir) / 'masks'}; main.py saves one per "
                         f"experiment with use_mask")
     check_writable(args.run_dir, "run folder")
-    for path in plot_run(args.run_dir):
+    for path in plot_masks(args.run_dir):
         print(path)
 
 

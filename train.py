@@ -22,9 +22,10 @@ import datasets
 import metrics
 from datasets import ForgetSpec
 from methods import make_optimizer, sgd_pass, cross_entropy, Run
-from utils import (CHECKPOINT_FORMAT, Logger, UserError, add_precision_flag, announce_compute, atomic_write_text,
-                   check_model_name, check_writable, cli, compute_for, create_model, default_precision,
-                   get_device, make_generator, save_checkpoint, seed_everything)
+from models import CHECKPOINT_FORMAT, check_model_name, create_model
+from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write_text,
+                   check_writable, cli, compute_for, default_precision, get_device, make_generator,
+                   save_checkpoint, seed_everything)
 
 
 def parse_args(argv=None):

@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from feature_extraction import FEATURES_ROOT, read_folders, relative_name
+from plots import heatmap
 from utils import UserError, atomic_write, atomic_write_text, check_writable, cli
 
 folders = [
@@ -42,7 +43,6 @@ folders = [
 ]
 
 IMAGES_ROOT = "images"
-ANNOTATE_MAX = 12  # above this many classes the cell numbers become unreadable
 
 
 def parse_args(argv=None):
@@ -92,32 +92,6 @@ def partners(b, files_a):
 
 
 # ---------------------------------------------------------------- plots and files
-
-def heatmap(ax, m, labels, cmap, vmin, vmax, colorbar_label, marked=()):
-    """An annotated matrix; NaN cells grey, labels in `marked` drawn in red."""
-    cmap = plt.get_cmap(cmap).with_extremes(bad="0.85")
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.figure.colorbar(im, ax=ax, label=colorbar_label, fraction=0.046, pad=0.04)
-    n = len(labels)
-    step = max(1, n // 25)  # at most ~25 tick labels per axis
-    ticks = np.arange(0, n, step)
-    slant = n > 5 or max(len(label) for label in labels) > 6  # long labels would run into each other
-    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=40 if slant else 0,
-                  ha="right" if slant else "center", rotation_mode="anchor")
-    ax.set_yticks(ticks, [labels[i] for i in ticks])
-    for t in ax.get_xticklabels() + ax.get_yticklabels():
-        if t.get_text() in marked:
-            t.set_color("red")
-            t.set_fontweight("bold")
-    if n <= ANNOTATE_MAX:
-        for (i, k), v in np.ndenumerate(m):
-            if np.isfinite(v):
-                r, g, b, _ = cmap(im.norm(v))
-                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                ax.text(k, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
-    return im
-
 
 def class_labels(f):
     """Class names, the forgotten class flagged (and drawn red by heatmap)."""

@@ -10,12 +10,14 @@ import torch
 import datasets
 import feature_extraction
 import mask_vis
+import plots
 import tsne_vis
 import utils
 import wasserstein
 from conftest import run_script
 from methods import Run, saliency_mask
-from utils import cli, compute_for, load_model, make_generator, save_checkpoint
+from models import load_model
+from utils import cli, compute_for, make_generator, save_checkpoint
 
 SAMPLES = 300
 
@@ -247,16 +249,16 @@ def test_mask_vis_writes_plots(work, tmp_path):
 def test_mask_vis_draws_identical_masks_once(work, tmp_path):
     # the mask does not depend on the method: same checkpoint, forget set and threshold
     save_masks(work, tmp_path, [("a_thr0.5", 0, 0.5), ("b_thr0.5", 0, 0.5), ("c_thr0.2", 0, 0.2)])
-    groups = mask_vis.distinct(mask_vis.read_masks(tmp_path))
+    groups = plots.distinct(plots.read_masks(tmp_path))
     assert [label for _, label in groups] == [
         "2 identical masks (forgets class 0, thr 0.5): a_thr0.5, b_thr0.5",
         "c_thr0.2: forgets class 0, rl_split, thr 0.2"]
-    assert mask_vis.plot_run(tmp_path)[0].stat().st_size > 1000
+    assert plots.plot_masks(tmp_path)[0].stat().st_size > 1000
 
 
 def test_mask_vis_single_mask_and_bad_input(work, tmp_path, capsys):
     save_masks(work, tmp_path, [("only", 0, 0.5)])
-    assert mask_vis.plot_run(tmp_path) == [tmp_path / "mask_layers.png"]
-    assert mask_vis.plot_run(tmp_path / "nothing_here") == []
+    assert plots.plot_masks(tmp_path) == [tmp_path / "mask_layers.png"]
+    assert plots.plot_masks(tmp_path / "nothing_here") == []
     code, err = exit_code(mask_vis.main, [str(tmp_path / "nothing_here")], capsys)
     assert code == 2 and len(err) == 1

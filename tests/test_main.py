@@ -8,7 +8,7 @@ import torch
 import utils
 from conftest import assert_is_top_saliency_mask, plain_forget_gradients, run_script
 from datasets import ForgetSpec, make_split
-from utils import load_model
+from models import load_model
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,8 @@ import metrics
 from conftest import assert_is_top_saliency_mask, plain_forget_gradients
 from datasets import ForgetSpec, make_split
 from methods import METHODS, Run, kth_largest, make_optimizer, saliency_mask, select_top
-from utils import compute_for, default_precision, load_model, make_generator
+from models import load_model
+from utils import compute_for, default_precision, make_generator
 
 CPU = torch.device("cpu")
 

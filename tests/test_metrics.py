@@ -7,7 +7,8 @@ import torch
 import datasets
 import metrics
 from conftest import run_script
-from utils import compute_for, load_model
+from models import load_model
+from utils import compute_for
 
 
 def out(pred, y, loss=None, conf=None):

@@ -7,7 +7,6 @@ working directory in a temporary folder, on conftest's tiny digits checkpoints.
 """
 import csv
 import json
-import math
 import os
 import re
 import signal

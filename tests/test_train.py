@@ -6,6 +6,7 @@ import torch
 import datasets
 import main
 import train as train_script
+import models
 import utils
 from conftest import run_script
 from datasets import ForgetSpec
@@ -28,7 +29,7 @@ def test_checkpoints_from_train_load_weights_only_and_reproduce_their_split(ckpt
         split = datasets.make_split(digits, ForgetSpec(class_to_forget=forget_class), seed=cfg["seed"])
         assert torch.nonzero(split.in_val).flatten().tolist() == cfg["val_idx"]  # the same held-out samples
         assert split.forget.tolist() == cfg["forget_idx"]
-        assert cfg["format"] == utils.CHECKPOINT_FORMAT
+        assert cfg["format"] == models.CHECKPOINT_FORMAT
         assert cfg["precision"] in ("fp32", "bf16") and cfg["device"] == "cpu" and cfg["device_name"]
         forget_json = json.loads(ckpts[key].with_name(ckpts[key].stem + "_forget.json").read_text())
         assert forget_json == cfg["forget_idx"] == sorted(forget_json)
