@@ -19,18 +19,28 @@ from models import load_model, load_model_checkpoint
 from utils import UserError, atomic_write_text, check_writable, cli, compute_for, get_device, timestamp
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy/loss per split, UA/RA/TA/VA, MIAs.")
-    p.add_argument("-c", "--checkpoints", nargs="+", required=True)
-    p.add_argument("--cf", type=int, default=None, help="evaluate as if forgetting this class")
-    p.add_argument("--unlr", type=float, default=None, help="... a random fraction (drawn from --seed)")
-    p.add_argument("--itf", default=None, help="... the indices in this JSON file")
-    p.add_argument("--seed", type=int, default=None, help="draws the --unlr forget set (default: the checkpoint's seed)")
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy/loss per split, UA/RA/TA/VA, MIAs.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--checkpoints", nargs="+", required=True, default=argparse.SUPPRESS,
+                   help="checkpoint files to evaluate")
+    p.add_argument("-CF", "--cf", type=int, default=None, metavar="CLASS",
+                   help="evaluate as if forgetting this class; with none of -CF/-UL/-IF, each checkpoint's "
+                        "own forget set")
+    p.add_argument("-UL", "--unlr", type=float, default=None, metavar="FRACTION",
+                   help="evaluate as if forgetting a random fraction (drawn from --seed)")
+    p.add_argument("-IF", "--itf", default=None, metavar="JSON",
+                   help="evaluate as if forgetting the indices in this JSON file")
+    p.add_argument("--seed", type=int, default=None, help="draws the --unlr forget set; None: the checkpoint's seed")
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attacks")
-    p.add_argument("--out", default=None, help="JSON file (default: output/base_test_<time>.json)")
-    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
-    p.add_argument("--device", default=None)
-    return p.parse_args(argv)
+    p.add_argument("--out", default=None, help="JSON file; None: output/base_test_<time>.json")
+    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="dataset download folder")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def split_for(ds, cfg, spec, seed):

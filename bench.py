@@ -24,6 +24,7 @@ The JSON holds one key per row: ours_s, reference_s, ratio, goal, direction
 missing module) gets an `error` instead, and the script exits with status 1.
 """
 import argparse
+import importlib
 import json
 import math
 import os
@@ -369,7 +370,7 @@ def tsne_speedup(size, device, workers):
             TSNE(n_components=dim, random_state=0).fit_transform(X)
 
     def warmup():  # the libraries only: openTSNE's FFT grid costs seconds even on 40 points
-        import openTSNE  # noqa: F401
+        importlib.import_module("openTSNE")
         TSNE(n_components=2, random_state=0, max_iter=250).fit_transform(X[:40])
 
     pairs = alternate(ours, ref, size["repeats"], device, warmup)
@@ -382,7 +383,7 @@ RETRAIN_EPOCHS, RETRAIN_BATCH = 30, 128  # train.py's defaults
 
 def rte_setup(size, device):
     """digits (cut to size["train"] samples in smoke mode), a random-10% forget set, the
-    model to unlearn and a fresh one to retrain, each with its optimizer."""
+    model to unlearn and a fresh one to retrain, with its optimizer and schedule."""
     import datasets
     from methods import make_optimizer
     from utils import compute_for
@@ -399,7 +400,7 @@ def rte_setup(size, device):
                         fresh=our_model(size["model"], ds, compute, seed=1),
                         unlearn_run=our_run(ds, compute, UNLEARN_BATCH, split),
                         retrain_run=our_run(ds, compute, RETRAIN_BATCH, split))
-    b.opt, b.fresh_opt = make_optimizer(b.model, 0.1), make_optimizer(b.fresh, 0.1)
+    b.fresh_opt = make_optimizer(b.fresh, 0.1)
     b.sched = torch.optim.lr_scheduler.OneCycleLR(  # as train.py sets it up
         b.fresh_opt, max_lr=0.1, total_steps=RETRAIN_EPOCHS * math.ceil(len(split.retain) / RETRAIN_BATCH),
         pct_start=0.15, cycle_momentum=False)
@@ -412,7 +413,8 @@ def salun_terms(b):
     from methods import METHODS, saliency_mask
     mask = {}
     mask_s = timed(lambda: mask.update(m=saliency_mask(b.model, b.unlearn_run, 0.5)), b.device)
-    epoch_s = timed(lambda: METHODS["rl_split"].epoch(b.model, b.opt, b.unlearn_run, mask["m"]).item(),
+    rl_split = METHODS["rl_split"]  # b.unlearn_run has epochs=1: the generator yields one epoch's loss
+    epoch_s = timed(lambda: next(rl_split.unlearn(b.model, b.unlearn_run, rl_split.settings(), mask["m"])).item(),
                     b.device)
     eval_s = timed(lambda: metrics.evaluate(b.model, b.ds, b.split, b.compute), b.device)
     return mask_s, epoch_s, eval_s
@@ -513,28 +515,34 @@ def run_row(name, mode, device, workers, precision):
             "device": str(device), "precision": precision}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark our pipeline against the original toolkit's way.")
+def build_parser():
+    p = argparse.ArgumentParser(description="Benchmark our pipeline against the original toolkit's way.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes: under 3 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true",
                       help="tiny sizes: checks that every row runs, not the speed")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated subset of: " + ", ".join(ROWS) + "; None: all of them")
     p.add_argument("--workers", type=int, default=2,
-                   help="DataLoader worker processes of the references (default 2: on 2 idle CPU "
-                        "cores the PIL data path alone runs 1.5x faster than with 0, and training "
-                        "runs as fast)")
-    p.add_argument("--json", default=None, help="write the figures to this file")
+                   help="DataLoader worker processes of the references (on 2 idle CPU cores the PIL "
+                        "data path alone runs 1.5x faster with 2 than with 0, and training runs as fast)")
+    p.add_argument("--json", default=None, help="write the figures to this file; None: print the table only")
     from utils import add_precision_flag
     add_precision_flag(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
     from utils import UserError, announce_compute, atomic_write_text, compute_for, default_precision, get_device
     args = parse_args(argv)
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    rows = ",".join(ROWS) if args.rows is None else args.rows
+    names = [n.strip() for n in rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown or not names:
         raise UserError(f"unknown row(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(ROWS)}")

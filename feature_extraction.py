@@ -45,10 +45,11 @@ REQUIRED = ("all_features", "all_labels", "proto")
 CONFIG_KEYS = ("model", "dataset", "num_classes", "in_chans", "img_size")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Embeddings, labels and class prototypes of every "
-                                            "checkpoint (<folder>/*.pt) in a folder.")
-    p.add_argument("-D", "--directory", required=True, nargs="+",
+                                            "checkpoint (<folder>/*.pt) in a folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-D", "--directory", required=True, nargs="+", default=argparse.SUPPRESS,
                    help="folder(s) of checkpoints, e.g. reduced/base/")
     p.add_argument("-S", "--samples", type=int, default=5000,
                    help="number of training samples to embed (the first S, the same for every checkpoint)")
@@ -56,10 +57,14 @@ def parse_args(argv=None):
     p.add_argument("-W", "--num-workers", type=int, default=0,
                    help="accepted for compatibility and ignored: batches are cut from tensors "
                         "already in memory, there is no DataLoader")
-    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="dataset download folder")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
     p.add_argument("--out", default=FEATURES_ROOT, help="root of the features tree")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ---------------------------------------------------------------- paths

@@ -10,11 +10,13 @@ per experiment the unlearned model of its last run (<name>.pt, train.py's format
 its saliency mask (masks/<name>.pt).
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
 import re
 import sys
+import textwrap
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -30,39 +32,35 @@ from datasets import ForgetSpec
 from methods import (METHODS, Run, cross_entropy, forget_gradients, make_optimizer, mask_from_gradients,
                      sgd_pass)
 from models import load_model, load_model_checkpoint, model_from_config
-from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write_text,
+from utils import (Logger, UserError, settings_problems, setting, add_precision_flag, announce_compute, atomic_write_text,
                    check_writable, cli, compute_for, default_precision, device_name, get_device,
                    make_generator, mean_std, save_checkpoint, seed_everything, timestamp, unique_dir)
 
 
 @dataclass
 class Experiment:
-    checkpoint: str = "checkpoints/resnet18_cifar10_base.pt"
-    """the model to unlearn from (train.py's checkpoint)"""
-    class_to_forget: int = None
-    """forget every training sample of this class"""
-    unlearning_rate: float = None
-    """forget a random fraction of the training set, drawn once from `seed`"""
-    idxs_to_forget: str = None
-    """forget the training indices listed in this JSON file"""
-    use_mask: bool = False
-    """update only the salient weights (SalUn)"""
-    mask_thr: float = 0.5
-    """fraction of all weights the mask keeps, in (0, 1]"""
-    lr: float = 0.1
-    """SGD learning rate (momentum 0.9, weight decay 5e-4)"""
-    epochs: int = 10
-    """unlearning epochs"""
-    method: str = "rl_split"
-    """one of methods.METHODS"""
-    tag: str = None
-    """a name for the experiment (default: built from method, mask and forget set)"""
-    retrained: str = None
-    """gold-standard checkpoint trained without the same forget set, for the gap"""
-    seed: int = None
-    """first run's seed (default --seed); run k uses seed + k"""
-    batch_size: int = None
-    """default --batch-size"""
+    """One unlearning experiment: every key of an experiment file, its type, range, flags and help."""
+    checkpoint: str = setting("checkpoints/resnet18_cifar10_base.pt", "the model to unlearn from (train.py's "
+                              "checkpoint)", flags=("-c", "--checkpoint"))
+    class_to_forget: int = setting(None, "forget every training sample of this class",
+                                   flags=("-CF", "--cf", "--class-to-forget"))
+    unlearning_rate: float = setting(None, "forget a random fraction of the training set, drawn once from `seed`",
+                                     "(0, 1)", flags=("-UL", "--unlr", "--unlearning-rate"))
+    idxs_to_forget: str = setting(None, "forget the training indices listed in this JSON file",
+                                  flags=("-IF", "--itf", "--idxs-to-forget"))
+    use_mask: bool = setting(False, "update only the salient weights (SalUn's mask)", flags=("-UM", "--use-mask"))
+    mask_thr: float = setting(0.5, "fraction of all weights the mask keeps", "(0, 1]", flags=("-MT", "--mask-thr"))
+    lr: float = setting(0.1, "SGD learning rate (momentum 0.9, weight decay 5e-4)", "(0, inf)", flags=("-LR", "--lr"))
+    epochs: int = setting(10, "unlearning epochs", "[1, inf)", flags=("-E", "--epochs"))
+    method: str = setting("rl_split", "the unlearning method: " + ", ".join(METHODS), flags=("-M", "--method"))
+    method_args: dict = setting({}, "the method's own settings (see the README's method table)",
+                                flags=("-MA", "--method-arg"))
+    tag: str = setting(None, "a name for the experiment (default: built from method, mask and forget set)",
+                       flags=("-T", "--tag"))
+    retrained: str = setting(None, "gold-standard checkpoint trained without the same forget set, for the gap",
+                             flags=("-R", "--retrained"))
+    seed: int = setting(0, "first run's seed; run k uses seed + k", flags=("--seed",))
+    batch_size: int = setting(64, "samples per step", "[1, inf)", flags=("--batch-size",))
 
     @property
     def spec(self):
@@ -70,39 +68,20 @@ class Experiment:
 
 
 KEYS = {f.name: f for f in fields(Experiment)}
-TYPES = {"checkpoint": str, "class_to_forget": int, "unlearning_rate": float, "idxs_to_forget": str,
-         "use_mask": bool, "mask_thr": float, "lr": float, "epochs": int, "method": str, "tag": str,
-         "retrained": str, "seed": int, "batch_size": int}
 FORGET_KEYS = ("class_to_forget", "unlearning_rate", "idxs_to_forget")
 
 
 # ---------------------------------------------------------------- reading and checking experiments
 
-def type_problem(key, value):
-    want = TYPES[key]
-    if value is None and KEYS[key].default is None:
-        return None
-    ok = (isinstance(value, bool) if want is bool else
-          isinstance(value, int) and not isinstance(value, bool) if want is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
-          isinstance(value, want))
-    if not ok:
-        return f"expected {want.__name__}, got {json.dumps(value)}"
-    if want is float and not math.isfinite(value):
-        return f"must be a finite number, got {json.dumps(value)}"
-    return None
-
-
-def range_problems(e):
-    out = []
+def method_problems(e):
+    """The method must be known and its `method_args` fit its settings."""
     if e.method not in METHODS:
-        out.append(("method", f"unknown method {e.method!r}; known: {', '.join(METHODS)}"))
-    if not 0 < e.mask_thr <= 1:
-        out.append(("mask_thr", f"{e.mask_thr} outside (0, 1]"))
-    for key in ("lr", "epochs", "batch_size"):
-        if getattr(e, key) <= 0:
-            out.append((key, f"must be positive, got {getattr(e, key)}"))
-    return out
+        return [("method", f"unknown method {e.method!r}; known: {', '.join(METHODS)}")]
+    settings = fields(METHODS[e.method].settings)
+    known = ", ".join(f.name for f in settings) or "none"
+    return [(f"method_args: {name}", f"{e.method} has no setting {name!r} (its settings: {known})"
+             if problem.startswith("unknown") else f"{e.method}: {problem}")
+            for name, problem in settings_problems(METHODS[e.method].settings, e.method_args).items()]
 
 
 class Checker:
@@ -163,20 +142,19 @@ class Checker:
         return []
 
 
-def resolve(entries, defaults, where, data_dir):
-    """Experiments from raw dicts: defaults < file < command line; every problem at once."""
+def resolve(entries, where, data_dir):
+    """Experiments from raw dicts (file values with the command line's on top); every problem at once."""
     if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
         raise UserError(f"{where}: expected a non-empty list of experiment objects")
     problems, experiments, checker = [], [], Checker(data_dir)
     for i, entry in enumerate(entries):
         here = f"{where}: experiment {i}"
-        bad = {k: f"unknown key {k!r} (known: {', '.join(KEYS)})" for k in entry if k not in KEYS}
-        bad.update({k: msg for k, v in entry.items() if k in KEYS for msg in [type_problem(k, v)] if msg})
+        bad = settings_problems(Experiment, entry)
         problems += [f"{here}: {msg}" if k not in KEYS else f"{here}: {k}: {msg}" for k, msg in bad.items()]
         # The rest of the experiment is still checked, with defaults in place of the bad values;
         # what depends on a bad checkpoint or forget key is not (it would only repeat the problem).
-        e = Experiment(**{**defaults, **{k: v for k, v in entry.items() if k not in bad}})
-        local = range_problems(e)
+        e = Experiment(**{k: v for k, v in entry.items() if k not in bad})
+        local = method_problems(e) if not {"method", "method_args"} & set(bad) else []
         if not set(bad) & {"checkpoint", "retrained", "seed", *FORGET_KEYS}:
             local += checker.problems(e)
         problems += [f"{here}: {key}: {msg}" for key, msg in local]
@@ -256,7 +234,7 @@ def warm_up(e, ctx):
     model = model_from_config(ctx.base_config, ctx.ds.device) if METHODS[e.method].fresh_model \
         else copy.deepcopy(ctx.base_model)
     model = model.to(memory_format=torch.channels_last) if ctx.compute.channels_last else model
-    run = Run(ctx.ds, ctx.split, e.batch_size, make_generator(0, ctx.ds.device), ctx.compute)
+    run = make_run(e, ctx, 0)
     opt = make_optimizer(model, 0.0)
     for idx in (ctx.split.forget, ctx.split.retain, ctx.split.train):
         for n in {min(e.batch_size, len(idx)), len(idx) % e.batch_size}:
@@ -286,43 +264,45 @@ def unlearn(e, ctx, seed, logger):
     """
     device = ctx.ds.device
     seed_everything(seed)
-    if METHODS[e.method].fresh_model:
+    method = METHODS[e.method]
+    if method.fresh_model:
         model = model_from_config(ctx.base_config, device)
     else:  # a copy, not a new model loaded with the weights: building one costs 0.25 s
         model = copy.deepcopy(ctx.base_model)
     if ctx.compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run = Run(ctx.ds, ctx.split, e.batch_size, make_generator(seed, device), ctx.compute)
-    method = METHODS[e.method]
+    run = make_run(e, ctx, seed)
     grads, spent = ctx.gradients(model, run) if e.use_mask else (None, 0.0)  # RTE counts their time
     sync(device)
     start = time.perf_counter()
     mask = mask_from_gradients(grads, e.mask_thr).bind(model) if e.use_mask else None
-    opt = make_optimizer(model, e.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, e.epochs) if method.cosine_lr else None
-    history, diverged_at, final = [], None, None
-    for epoch in range(1, e.epochs + 1):
-        loss = method.epoch(model, opt, run, mask).item()
-        if sched is not None:
-            sched.step()
-        sync(device)
-        spent += time.perf_counter() - start
-        if not math.isfinite(loss):
-            diverged_at = epoch
-            break
-        outs = metrics.evaluate(model, ctx.ds, ctx.split, ctx.compute)
-        m = metrics.report(outs, mia=False)
-        history.append({"epoch": epoch, "loss": loss, **m})
-        logger.log({"loss": loss, **m}, step=epoch)
-        start = time.perf_counter()
-    if diverged_at is None:  # the last epoch's evaluation, now with the attacks
-        final = metrics.report(outs)
+    history, diverged_at, outs = [], None, None
+    with contextlib.closing(method.unlearn(model, run, method.settings(**e.method_args), mask)) as epochs:
+        for epoch, loss in enumerate(epochs, 1):
+            loss = None if loss is None else float(loss)
+            sync(device)
+            spent += time.perf_counter() - start
+            if loss is not None and not math.isfinite(loss):
+                diverged_at = epoch
+                break
+            outs = metrics.evaluate(model, ctx.ds, ctx.split, ctx.compute)
+            m = metrics.report(outs, mia=False)
+            history.append({"epoch": epoch, "loss": loss, **m})
+            logger.log({"loss": loss, **m} if loss is not None else m, step=epoch)
+            start = time.perf_counter()
+    final = metrics.report(outs) if diverged_at is None else None  # the last evaluation, now with the attacks
     result = {"seed": seed, "metrics": final, "rte_s": spent, "diverged_at": diverged_at,
               "mask_fraction": mask.total_fraction if mask else 1.0,
               "mask_zero_fraction": mask.zero_fraction if mask else None, "history": history}
     if ctx.gold and final is not None:
         result["gap"] = metrics.gap(final, ctx.gold)
     return model, mask, result
+
+
+def make_run(e, ctx, seed):
+    device = ctx.ds.device
+    return Run(ctx.ds, ctx.split, e.batch_size, make_generator(seed, device), ctx.compute, lr=e.lr, epochs=e.epochs,
+               new_model=lambda: model_from_config(ctx.base_config, device))
 
 
 # ---------------------------------------------------------------- results
@@ -456,32 +436,54 @@ def write_summary(run_dir, table):
 
 # ---------------------------------------------------------------- the command line
 
-FLAG_KEYS = {"c": "checkpoint", "CF": "class_to_forget", "UL": "unlearning_rate", "IF": "idxs_to_forget",
-             "E": "epochs", "M": "method", "UM": "use_mask", "LR": "lr", "MT": "mask_thr",
-             "T": "tag", "R": "retrained"}
+def method_arg(text):
+    """-MA name=value: the value read as JSON when it is JSON (0.9, 3, true), else as text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def add_experiment_flags(p):
+    """One flag per Experiment key, its help and default taken from the field. Flags are
+    None unless given, so that only what the user typed overrides the file."""
+    g = p.add_argument_group("experiment (each overrides the same key of every experiment in -L)")
+    for f in fields(Experiment):
+        default = f.default_factory() if f.type is dict else f.default
+        notes = ([f"in {f.metadata['interval']}"] if f.metadata["interval"] else []) + \
+            ([f"default: {default}"] if default not in (None, {}) else []) + (["repeatable"] if f.type is dict else [])
+        kw = dict(dest=f.name, default=None, help=f.metadata["doc"] + (f" ({'; '.join(notes)})" if notes else ""))
+        if f.type is bool:
+            g.add_argument(*f.metadata["flags"], action="store_true", **kw)
+        elif f.type is dict:
+            g.add_argument(*f.metadata["flags"], action="append", type=method_arg, metavar="NAME=VALUE", **kw)
+        else:
+            g.add_argument(*f.metadata["flags"], type=f.type, metavar=f.type.__name__.upper(), **kw)
+
+
+def methods_help():
+    lines = ["methods (-M) and their settings (-MA name=value, or method_args in a file):"]
+    for name, m in METHODS.items():
+        settings = ", ".join(f"{f.name}={f.default}" for f in fields(m.settings)) or "no settings"
+        lines += textwrap.wrap(f"{name}: {m.summary} [{settings}]", 100, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines + ["python methods.py prints the table of methods, papers and settings."])
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Run unlearning experiments (SalUn and baselines).")
-    p.add_argument("-L", "--load", help="JSON list of experiments")
-    p.add_argument("--nexp", type=int, default=1, help="runs per experiment (seeds seed, seed+1, ...)")
-    p.add_argument("-c", "--checkpoint", dest="c")
-    p.add_argument("-CF", "--class-to-forget", dest="CF", type=int)
-    p.add_argument("-UL", "--unlearning-rate", dest="UL", type=float)
-    p.add_argument("-IF", "--idxs-to-forget", dest="IF")
-    p.add_argument("-E", "--epochs", dest="E", type=int)
-    p.add_argument("-M", "--method", dest="M", help=", ".join(METHODS))
-    p.add_argument("-UM", "--use-mask", dest="UM", action="store_true", default=None)
-    p.add_argument("-LR", "--lr", dest="LR", type=float)
-    p.add_argument("-MT", "--mask-thr", dest="MT", type=float)
-    p.add_argument("-T", "--tag", dest="T")
-    p.add_argument("-R", "--retrained", dest="R", help="gold-standard checkpoint for the gap")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p = argparse.ArgumentParser(description="Run unlearning experiments (SalUn and the methods it is compared "
+                                            "with): each one --nexp times, mean ± std, against a gold standard.",
+                                epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-L", "--load", help="JSON list of experiments (default: one experiment from the flags)")
+    p.add_argument("--nexp", type=int, default=1, help="runs per experiment, seeds seed, seed+1, ... (default: 1)")
+    add_experiment_flags(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     add_precision_flag(p)
-    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
-    p.add_argument("--out", default="output", help="parent folder of the run folder")
+    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR,
+                   help=f"where datasets are found (default: {datasets.DEFAULT_DATA_DIR})")
+    p.add_argument("--out", default="output", help="parent folder of the run folder (default: output)")
     p.add_argument("--name", help="run folder name (default: <time>_<experiment file>); never reused")
     p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
@@ -489,6 +491,23 @@ def parse_args(argv=None):
     args.changed = [a.option_strings[0] for a in p._actions  # as the user may have typed them
                     if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
     return args
+
+
+def overrides(args):
+    """The experiment keys given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in fields(Experiment) if getattr(args, f.name) is not None}
+    if "method_args" in given:
+        given["method_args"] = dict(given["method_args"])
+    return given
+
+
+def with_overrides(entry, given):
+    """An experiment of the file with the command line's keys on top; -MA settings are
+    added to the file's method_args rather than replacing them."""
+    out = {**entry, **given}
+    if "method_args" in given and isinstance(entry.get("method_args"), dict):
+        out["method_args"] = {**entry["method_args"], **given["method_args"]}
+    return out
 
 
 def load_list(path):
@@ -520,7 +539,7 @@ def resume_plan(args):
         raise UserError(f"{run_dir} was written by an older version of main.py (no run_id or precision in "
                         f"its config.json) and cannot be resumed; start a new run")
     check_writable(run_dir, "run folder")
-    experiments = resolve(saved["experiments"], {}, run_dir / "config.json", saved["data_dir"])
+    experiments = resolve(saved["experiments"], run_dir / "config.json", saved["data_dir"])
     args.data_dir = saved["data_dir"]
     return experiments, saved
 
@@ -532,17 +551,14 @@ def plan(args, device):
         return resume_plan(args)
     if args.nexp < 1:
         raise UserError(f"--nexp must be at least 1, got {args.nexp}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
-    defaults = {"seed": args.seed, "batch_size": args.batch_size}
+    given = overrides(args)
     if args.load:
         entries, where = load_list(args.load), args.load
         if isinstance(entries, list):
-            entries = [{**x, **overrides} if isinstance(x, dict) else x for x in entries]
+            entries = [with_overrides(x, given) if isinstance(x, dict) else x for x in entries]
     else:
-        entries, where = [overrides], "command line"
-    experiments = resolve(entries, defaults, where, args.data_dir)
+        entries, where = [given], "command line"
+    experiments = resolve(entries, where, args.data_dir)
     check_writable(args.out, "--out")
     compute = compute_for(device, args.precision or default_precision())
     label = Path(args.load).stem if args.load else "cli"

@@ -21,10 +21,19 @@ from plots import plot_masks
 from utils import UserError, check_writable, cli
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Plots of the saliency masks of a main.py run folder.")
+def build_parser():
+    p = argparse.ArgumentParser(description="Plots of the saliency masks of a main.py run folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="a main.py run folder, e.g. output/20261130-101500_classforget")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not Path(args.run_dir).is_dir():
         raise UserError(f"run folder {args.run_dir} not found")
     if not any((Path(args.run_dir) / "masks").glob("*.pt")):

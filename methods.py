@@ -1,23 +1,32 @@
-"""The unlearning methods, each one epoch function, and SalUn's saliency mask.
+"""The unlearning methods, in one registry, and SalUn's saliency mask.
 
-    mask = saliency_mask(model, run, mask_thr=0.5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for epoch in range(epochs):
-        loss = METHODS["rl_split"].epoch(model, opt, run, mask)
+    python methods.py            # the table of methods, papers and settings (Markdown)
 
-A `Run` carries what every epoch needs (data, split, batch size, generator, compute).
+    mask = saliency_mask(model, run, mask_thr=0.5)        # or None: every weight may move
+    method = METHODS["scrub"]
+    for loss in method.unlearn(model, run, method.settings(msteps=1), mask):
+        ...                                               # one iteration per epoch
+
+A method is a function registered with `@method(name, Settings, paper)`: it takes the
+model, a `Run` (data, split, batch size, lr, epochs, generator, compute), its settings
+(a dataclass of `utils.setting` fields, checked up front by main.py) and the mask, and
+yields once per epoch (a one-shot method yields once). The epoch methods share
+`sgd_epochs` and `sgd_pass`; a method that needs more (a teacher, an extra class, a
+one-shot edit) does it in its own function.
+
 With a mask, only the kept entries move: after every step the other entries are put
 back bit for bit, so neither their gradients nor momentum nor weight decay can move
 them (masking the gradients as well, as the original does, would change nothing more).
 """
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from datasets import batches
-from utils import Compute
+from utils import Compute, UserError, describe_setting, setting
 
 
 @dataclass
@@ -27,6 +36,9 @@ class Run:
     batch_size: int
     gen: torch.Generator  # on the data's device; shuffles, augments, draws random labels
     compute: Compute
+    lr: float = 0.1  # SGD's (momentum 0.9, weight decay 5e-4); one-shot methods ignore it
+    epochs: int = 1
+    new_model: object = None  # () -> a newly initialised model of the same architecture
 
 
 # ---------------------------------------------------------------- the saliency mask
@@ -50,23 +62,27 @@ class Mask:
             torch.where(keep, p, p0, out=p)
 
 
-def forget_gradients(model, run):
-    """Sum over forget batches of the gradient of the batch-mean cross-entropy (eval mode).
+def batch_gradients(model, run, idx):
+    """Yield, per batch over idx, {name: gradient of the batch-mean cross-entropy} (eval mode).
 
     Always in fp32, whatever the training precision: in bf16 a 0.2 mask of ResNet-18
     differed from the fp32 one in 34,704 entries, so the mask would depend on the machine.
     """
     model.eval()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    total = {n: torch.zeros_like(p) for n, p in params}
-    for x, y, _ in batches(run.ds, run.split.forget, run.batch_size,
-                           channels_last=run.compute.channels_last):
+    for x, y, _ in batches(run.ds, idx, run.batch_size, channels_last=run.compute.channels_last):
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        for n, p in params:
-            total[n] += p.grad
+        F.cross_entropy(model(x).float(), y).backward()
+        yield {n: p.grad for n, p in params}
     model.zero_grad(set_to_none=True)
+
+
+def forget_gradients(model, run):
+    """Sum over forget batches of the gradient of the batch-mean cross-entropy (SalUn's saliency)."""
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    for grads in batch_gradients(model, run, run.split.forget):
+        for n, g in grads.items():
+            total[n] += g
     return total
 
 
@@ -151,26 +167,44 @@ def saliency_mask(model, run, mask_thr):
     return mask_from_gradients(forget_gradients(model, run), mask_thr).bind(model)
 
 
-# ---------------------------------------------------------------- the epoch loop
+# ---------------------------------------------------------------- the shared loop
 
-def sgd_pass(model, opt, run, idx, loss_fn, mask=None, sched=None):
-    """One shuffled, augmented pass over idx; returns the mean loss, kept on the device.
+def make_optimizer(params, lr):
+    """SGD with momentum 0.9 and weight decay 5e-4, as in SalUn; `params` may be a model."""
+    params = params.parameters() if isinstance(params, torch.nn.Module) else params
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
 
-    loss_fn(logits, y, i) -> scalar, where i are the batch's training indices.
+
+def train_batches(run, idx):
+    """One shuffled, augmented pass of (x, y, i) batches over idx."""
+    return batches(run.ds, idx, run.batch_size, gen=run.gen, augment=True, channels_last=run.compute.channels_last)
+
+
+def step(opt, loss, mask):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if mask is not None:
+        mask.restore()
+
+
+def sgd_pass(model, opt, run, idx, loss_fn, mask=None, frozen=(), sched=None):
+    """One pass over idx; returns the mean loss, kept on the device.
+
+    loss_fn(logits, x, y, i) -> scalar, where i are the batch's training indices.
+    `frozen` modules stay in eval mode, so their BatchNorm statistics do not move either;
+    `sched`, a per-step learning-rate schedule, steps after every batch.
     """
     model.train()
+    for m in frozen:
+        m.eval()
     total = torch.zeros((), device=run.ds.device)
     steps = 0
-    for x, y, i in batches(run.ds, idx, run.batch_size, gen=run.gen, augment=True,
-                           channels_last=run.compute.channels_last):
+    for x, y, i in train_batches(run, idx):
         with run.compute.autocast():
             logits = model(x)
-        loss = loss_fn(logits.float(), y, i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if mask is not None:
-            mask.restore()
+        loss = loss_fn(logits.float(), x, y, i)
+        step(opt, loss, mask)
         if sched is not None:
             sched.step()
         total += loss.detach()  # no .item() here: the host never waits on the device
@@ -178,7 +212,17 @@ def sgd_pass(model, opt, run, idx, loss_fn, mask=None, sched=None):
     return total / max(steps, 1)
 
 
-def cross_entropy(logits, y, _i):
+def sgd_epochs(run, epoch, opt=None, cosine_lr=False):
+    """The loop of the epoch methods: yields epoch(k), the mean loss of epoch k, for
+    k < run.epochs; with cosine_lr, `opt`'s learning rate is annealed over the epochs."""
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, run.epochs) if cosine_lr else None
+    for k in range(run.epochs):
+        yield epoch(k)
+        if sched is not None:
+            sched.step()
+
+
+def cross_entropy(logits, _x, y, _i):
     return F.cross_entropy(logits, y)
 
 
@@ -188,58 +232,382 @@ def random_labels(run, y):
     return (y + shift) % run.ds.num_classes
 
 
-# ---------------------------------------------------------------- the methods
-
-def rl(model, opt, run, mask=None):
-    """Random labels on forget samples, true labels on retain, in one pass over both."""
-    def loss(logits, y, i):
-        y = torch.where(run.split.is_forget[i], random_labels(run, y), y)
-        return F.cross_entropy(logits, y)
-    return sgd_pass(model, opt, run, run.split.train, loss, mask)
+def frozen_copy(model):
+    """A copy that never trains: a teacher, or the original model to compare with."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
-def rl_split(model, opt, run, mask=None):
-    """Random labels on the forget set, then a pass over retain (the SalUn paper's recipe)."""
-    forget_loss = sgd_pass(model, opt, run, run.split.forget,
-                           lambda logits, y, i: F.cross_entropy(logits, random_labels(run, y)), mask)
-    retain_loss = sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask)
-    return (forget_loss + retain_loss) / 2
+def distill_kl(student, teacher, temperature):
+    """KL(teacher || student) of the temperature-softened outputs, times T^2 (Hinton et
+    al.), averaged over the batch: the distillation loss of SCRUB and Bad Teacher."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher.float() / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
 
 
-def ga(model, opt, run, mask=None):
-    """Per-sample loss: -CE on forget samples, +CE on retain, over one pass of both."""
-    def loss(logits, y, i):
-        ce = F.cross_entropy(logits, y, reduction="none")
-        return torch.where(run.split.is_forget[i], -ce, ce).mean()
-    return sgd_pass(model, opt, run, run.split.train, loss, mask)
-
-
-def ga_small(model, opt, run, mask=None):
-    """Gradient ascent on the forget set only."""
-    return sgd_pass(model, opt, run, run.split.forget, lambda logits, y, i: -F.cross_entropy(logits, y), mask)
-
-
-def ft(model, opt, run, mask=None):
-    """Fine-tune on the retain set."""
-    return sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask)
-
+# ---------------------------------------------------------------- the registry
 
 @dataclass(frozen=True)
 class Method:
-    epoch: object
-    fresh_model: bool = False  # start from a newly initialised model (retraining)
-    cosine_lr: bool = False  # anneal the learning rate over the epochs
+    unlearn: object  # (model, run, settings, mask) -> iterator, one item (the loss or None) per epoch
+    settings: type  # its settings dataclass
+    paper: str
+    fresh_model: bool = False  # starts from a newly initialised model (retraining)
+
+    @property
+    def summary(self):
+        return " ".join(self.unlearn.__doc__.split("\n\n")[0].split())
 
 
-METHODS = {
-    "rl": Method(rl),
-    "rl_split": Method(rl_split),
-    "ga": Method(ga, cosine_lr=True),
-    "ga_small": Method(ga_small),
-    "ft": Method(ft),
-    "retrain": Method(ft, fresh_model=True),
-}
+@dataclass
+class NoSettings:
+    pass
 
 
-def make_optimizer(model, lr):
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+METHODS = {}
+
+
+def method(name, settings=NoSettings, paper="", fresh_model=False):
+    """Register an unlearning function under `name`."""
+    def register(fn):
+        METHODS[name] = Method(fn, settings, paper, fresh_model)
+        return fn
+    return register
+
+
+# ---------------------------------------------------------------- SalUn's own comparisons
+
+@method("rl", paper="random labels (Golatkar et al., CVPR 2020), one pass")
+def rl(model, run, s, mask):
+    """One pass per epoch over forget and retain together, forget samples relabelled at random."""
+    def loss(logits, x, y, i):
+        return F.cross_entropy(logits, torch.where(run.split.is_forget[i], random_labels(run, y), y))
+    opt = make_optimizer(model, run.lr)
+    return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.train, loss, mask))
+
+
+@method("rl_split", paper="SalUn (Fan et al., ICLR 2024)")
+def rl_split(model, run, s, mask):
+    """Per epoch, a pass over the forget set with random labels, then a pass over retain."""
+    opt = make_optimizer(model, run.lr)
+
+    def epoch(k):
+        forget = sgd_pass(model, opt, run, run.split.forget,
+                          lambda logits, x, y, i: F.cross_entropy(logits, random_labels(run, y)), mask)
+        return (forget + sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask)) / 2
+    return sgd_epochs(run, epoch)
+
+
+@method("ga", paper="gradient ascent (Thudi et al., EuroS&P 2022), with retain descent")
+def ga(model, run, s, mask):
+    """One pass over forget and retain: -CE on forget samples, +CE on retain; cosine-annealed lr."""
+    def loss(logits, x, y, i):
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return torch.where(run.split.is_forget[i], -ce, ce).mean()
+    opt = make_optimizer(model, run.lr)
+    return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.train, loss, mask), opt, cosine_lr=True)
+
+
+@method("ga_small", paper="gradient ascent (Thudi et al., EuroS&P 2022)")
+def ga_small(model, run, s, mask):
+    """Gradient ascent (-CE) on the forget set only."""
+    opt = make_optimizer(model, run.lr)
+    return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.forget,
+                                              lambda logits, x, y, i: -F.cross_entropy(logits, y), mask))
+
+
+@method("ft", paper="fine-tuning (Warnecke et al., NDSS 2023)")
+def ft(model, run, s, mask):
+    """Fine-tune on the retain set."""
+    opt = make_optimizer(model, run.lr)
+    return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask))
+
+
+@method("retrain", paper="exact unlearning: the gold standard", fresh_model=True)
+def retrain(model, run, s, mask):
+    """Train a newly initialised model on the retain set."""
+    return ft(model, run, s, mask)
+
+
+# ---------------------------------------------------------------- peers
+
+@dataclass
+class NegGradPlusSettings:
+    alpha: float = setting(0.99, "weight of the retain loss; the forget loss is ascended with 1 - alpha", "(0, 1)")
+
+
+@method("neggrad_plus", NegGradPlusSettings, "NegGrad+ (Kurmanji et al., NeurIPS 2023)")
+def neggrad_plus(model, run, s, mask):
+    """Each step descends alpha·CE on a retain batch and ascends (1 - alpha)·CE on a forget batch."""
+    opt = make_optimizer(model, run.lr)
+
+    def epoch(k):
+        model.train()
+        total, steps = torch.zeros((), device=run.ds.device), 0
+        for (xr, yr, _), (xf, yf, _) in zip(train_batches(run, run.split.retain), endless(run, run.split.forget)):
+            with run.compute.autocast():
+                retain, forget = model(xr), model(xf)
+            loss = s.alpha * F.cross_entropy(retain.float(), yr) - (1 - s.alpha) * F.cross_entropy(forget.float(), yf)
+            step(opt, loss, mask)
+            total += loss.detach()
+            steps += 1
+        return total / max(steps, 1)
+    return sgd_epochs(run, epoch)
+
+
+def endless(run, idx):
+    """Training batches over idx, reshuffled at every pass, for as long as they are asked for."""
+    while len(idx):
+        yield from train_batches(run, idx)
+
+
+@dataclass
+class ScrubSettings:
+    msteps: int = setting(2, "epochs that begin with a max-step (raise the KL divergence on the forget set)",
+                          "[0, inf)")
+    alpha: float = setting(0.001, "weight of the KL divergence in the min-steps", "[0, inf)")
+    gamma: float = setting(0.99, "weight of the cross-entropy in the min-steps", "[0, inf)")
+    temperature: float = setting(4.0, "distillation temperature", "(0, inf)")
+
+
+@method("scrub", ScrubSettings, "SCRUB (Kurmanji et al., NeurIPS 2023)")
+def scrub(model, run, s, mask):
+    """The model is a student of a frozen copy of itself: max-steps move it away from the
+    teacher on the forget set (first `msteps` epochs), min-steps keep it close on retain
+    (KL + CE, every epoch)."""
+    teacher = frozen_copy(model)
+    opt = make_optimizer(model, run.lr)
+
+    def kl(logits, x):
+        with torch.no_grad(), run.compute.autocast():
+            t = teacher(x)
+        return distill_kl(logits, t, s.temperature)
+
+    def epoch(k):
+        losses = []
+        if k < s.msteps:
+            losses.append(sgd_pass(model, opt, run, run.split.forget, lambda lo, x, y, i: -kl(lo, x), mask))
+        losses.append(sgd_pass(model, opt, run, run.split.retain,
+                               lambda lo, x, y, i: s.gamma * F.cross_entropy(lo, y) + s.alpha * kl(lo, x), mask))
+        return sum(losses) / len(losses)
+    return sgd_epochs(run, epoch)
+
+
+@dataclass
+class SSDSettings:
+    alpha: float = setting(10.0, "selection: a parameter is dampened when its forget-set importance exceeds "
+                                 "alpha times its training-set importance", "(0, inf)")
+    lam: float = setting(1.0, "dampening: a selected parameter is multiplied by "
+                              "min(lam * I_train / I_forget, 1)", "(0, inf)")
+
+
+def importances(model, run, idx):
+    """Diagonal Fisher information: the mean over batches of the squared gradient."""
+    total, n = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}, 0
+    for grads in batch_gradients(model, run, idx):
+        for name, g in grads.items():
+            total[name] += g * g
+        n += 1
+    return {name: t / max(n, 1) for name, t in total.items()}
+
+
+@method("ssd", SSDSettings, "Selective Synaptic Dampening (Foster et al., AAAI 2024)")
+def ssd(model, run, s, mask):
+    """One shot, no training: the parameters far more important to the forget set than to
+    the training set (Fisher importances) are scaled down. lr and epochs are unused."""
+    on_train = importances(model, run, run.split.train)
+    on_forget = importances(model, run, run.split.forget)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in on_forget:
+                continue
+            selected = on_forget[name] > s.alpha * on_train[name]
+            if mask is not None:
+                selected &= mask.keep[name]
+            factor = (s.lam * on_train[name] / on_forget[name]).clamp(max=1)
+            p.copy_(torch.where(selected, p * factor, p))
+    yield None
+
+
+@dataclass
+class L1SparseSettings:
+    alpha: float = setting(5e-4, "L1 strength at the first epoch, decaying linearly to 0 after the last",
+                           "[0, inf)")
+
+
+@method("l1_sparse", L1SparseSettings, "l1-sparse unlearning (Jia et al., NeurIPS 2023)")
+def l1_sparse(model, run, s, mask):
+    """Fine-tune on retain with an L1 penalty on all weights whose strength decays linearly to zero."""
+    opt = make_optimizer(model, run.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def epoch(k):
+        strength = s.alpha * (1 - k / run.epochs)
+        return sgd_pass(model, opt, run, run.split.retain,
+                        lambda lo, x, y, i: F.cross_entropy(lo, y) + strength * sum(p.abs().sum() for p in params),
+                        mask)
+    return sgd_epochs(run, epoch)
+
+
+@dataclass
+class BadTeacherSettings:
+    retain_fraction: float = setting(0.3, "share of the retain set, drawn anew each epoch, distilled from the "
+                                          "original model alongside the forget set", "(0, 1]")
+    temperature: float = setting(1.0, "distillation temperature", "(0, inf)")
+
+
+@method("bad_teacher", BadTeacherSettings, "Bad Teacher (Chundawat et al., AAAI 2023)")
+def bad_teacher(model, run, s, mask):
+    """The model distils from the original model on retain samples and from a randomly
+    initialised model on forget samples."""
+    good, bad = frozen_copy(model), frozen_copy(run.new_model())
+    opt = make_optimizer(model, run.lr)
+
+    def loss(logits, x, y, i):
+        with torch.no_grad(), run.compute.autocast():
+            teacher = torch.where(run.split.is_forget[i][:, None], bad(x), good(x))
+        return distill_kl(logits, teacher, s.temperature)
+
+    def epoch(k):
+        retain = run.split.retain
+        drawn = torch.randperm(len(retain), generator=run.gen, device=run.gen.device).to(retain.device)
+        part = retain[drawn[:math.ceil(s.retain_fraction * len(retain))]]
+        return sgd_pass(model, opt, run, torch.cat([run.split.forget, part]), loss, mask)
+    return sgd_epochs(run, epoch)
+
+
+@dataclass
+class BoundaryShrinkSettings:
+    eps: float = setting(0.1, "FGSM step, in the model's (normalised) input space", "(0, inf)")
+
+
+@method("boundary_shrink", BoundaryShrinkSettings, "Boundary Shrink (Chen et al., CVPR 2023)")
+def boundary_shrink(model, run, s, mask):
+    """Each forget sample is relabelled with the class that a one-step FGSM perturbation of
+    it is predicted as by the original model (never its own class), and the model is
+    fine-tuned on the forget set with those labels."""
+    original = frozen_copy(model)
+    opt = make_optimizer(model, run.lr)
+
+    def loss(logits, x, y, i):
+        x = x.detach().requires_grad_(True)
+        with run.compute.autocast():
+            ce = F.cross_entropy(original(x).float(), y)
+        (grad,) = torch.autograd.grad(ce, x)
+        with torch.no_grad(), run.compute.autocast():
+            neighbour = original(x + s.eps * grad.sign()).float()
+        neighbour.scatter_(1, y[:, None], float("-inf"))
+        return F.cross_entropy(logits, neighbour.argmax(1))
+    return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.forget, loss, mask))
+
+
+class ExtraClass(torch.nn.Module):
+    """A classifier head with one more output while training; in eval mode the head alone,
+    so that every evaluation sees the model as it will be once the class is removed."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+        self.extra = torch.nn.Linear(head.in_features, 1).to(head.weight.device)
+
+    def forward(self, x):
+        return torch.cat([self.head(x), self.extra(x)], 1) if self.training else self.head(x)
+
+
+def classifier_name(model):
+    name = getattr(model, "default_cfg", {}).get("classifier", "fc")
+    if not isinstance(getattr(model, name, None), torch.nn.Linear):
+        raise UserError(f"boundary_expanding needs a linear classifier head; {type(model).__name__} has none "
+                         f"at {name!r}")
+    return name
+
+
+@method("boundary_expanding", paper="Boundary Expanding (Chen et al., CVPR 2023)")
+def boundary_expanding(model, run, s, mask):
+    """A temporary extra output class absorbs the forget samples during fine-tuning on
+    them; it is removed afterwards. Its weights are outside the mask: they are free."""
+    name = classifier_name(model)
+    head = getattr(model, name)
+    setattr(model, name, ExtraClass(head))
+    opt = make_optimizer(model, run.lr)
+    extra_class = run.ds.num_classes
+
+    def loss(logits, x, y, i):
+        return F.cross_entropy(logits, torch.full_like(y, extra_class))
+    try:
+        yield from sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.forget, loss, mask))
+    finally:
+        setattr(model, name, head)
+
+
+@dataclass
+class LastStagesSettings:
+    k: int = setting(2, "how many of the model's last stages (its top-level modules with weights: for a "
+                        "ResNet, fc is the last and layer4 the one before) are trained", "[1, inf)")
+
+
+def split_stages(model, k):
+    """(names of the frozen stages, names of the last k stages): top-level modules with weights."""
+    names = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+    if k >= len(names):
+        raise UserError(f"k={k}, but {type(model).__name__} has {len(names)} stages with weights "
+                         f"({', '.join(names)}); k must leave at least one frozen")
+    return names[:-k], names[-k:]
+
+
+def train_last_stages(model, run, frozen, mask):
+    """Train the stages not in `frozen` on retain; the frozen ones do not move at all."""
+    frozen_modules = [model.get_submodule(n) for n in frozen]
+    held = [p for m in frozen_modules for p in m.parameters() if p.requires_grad]
+    for p in held:
+        p.requires_grad_(False)  # no gradient computed for them: cheaper, and nothing can move them
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], run.lr)
+    try:
+        yield from sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask,
+                                                      frozen=frozen_modules))
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+
+
+@method("cf_k", LastStagesSettings, "CF-k, catastrophic forgetting of the last k layers (Goel et al., 2022)")
+def cf_k(model, run, s, mask):
+    """Fine-tune only the last k stages on retain; the others stay frozen."""
+    frozen, _ = split_stages(model, s.k)
+    return train_last_stages(model, run, frozen, mask)
+
+
+@method("eu_k", LastStagesSettings, "EU-k, exact unlearning of the last k layers (Goel et al., 2022)")
+def eu_k(model, run, s, mask):
+    """Re-initialise the last k stages and train them on retain; the others stay frozen.
+    With a mask, only the kept entries are re-initialised."""
+    frozen, last = split_stages(model, s.k)
+    fresh = run.new_model()
+    with torch.no_grad():
+        for stage in last:
+            new = dict(fresh.get_submodule(stage).named_parameters())
+            for name, p in model.get_submodule(stage).named_parameters():
+                keep = mask.keep.get(f"{stage}.{name}") if mask is not None else None
+                p.copy_(new[name] if keep is None else torch.where(keep, new[name], p))
+            new_buffers = dict(fresh.get_submodule(stage).named_buffers())
+            for name, b in model.get_submodule(stage).named_buffers():
+                b.copy_(new_buffers[name])
+    yield from train_last_stages(model, run, frozen, mask)
+
+
+# ---------------------------------------------------------------- the table
+
+def method_table():
+    """The Markdown table of every method: paper, what it does, its settings with defaults."""
+    rows = ["| method | paper | what it does | settings (default) |", "|---|---|---|---|"]
+    for name, m in METHODS.items():
+        settings = "<br>".join(f"`{f.name}`: {describe_setting(f)}" for f in fields(m.settings)) or "-"
+        rows.append(f"| `{name}` | {m.paper} | {m.summary} | {settings} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(method_table())

@@ -28,26 +28,35 @@ from utils import (Logger, UserError, add_precision_flag, announce_compute, atom
                    save_checkpoint, seed_everything)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a base or gold-standard (retrained) model.")
+def build_parser():
+    p = argparse.ArgumentParser(description="Train a base or gold-standard (retrained) model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="resnet18", help="any timm model name")
     p.add_argument("--dataset", default="cifar10", help=", ".join(datasets.DATASETS))
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of SGD")
-    p.add_argument("--cf", type=int, default=None, help="class to leave out of training")
-    p.add_argument("--unlr", type=float, default=0.0, help="fraction of the training set to leave out")
-    p.add_argument("--itf", default=None, help="forget-index JSON: leave exactly these samples out")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("-CF", "--cf", type=int, default=None, metavar="CLASS",
+                   help="class to leave out of training; None: no class")
+    p.add_argument("-UL", "--unlr", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of the training set to leave out, at random")
+    p.add_argument("-IF", "--itf", default=None, metavar="JSON",
+                   help="forget-index JSON: leave exactly these samples out; None: no index file")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="samples per SGD step")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the split and the batches")
-    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR)
-    p.add_argument("--save-dir", default="checkpoints")
-    p.add_argument("--comment", default=None, help="name suffix (default: base, cf<c>, rf<r> or itf_<file>)")
+    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="dataset download folder")
+    p.add_argument("--save-dir", default="checkpoints", help="folder of the checkpoint and its forget file")
+    p.add_argument("--comment", default=None,
+                   help="checkpoint name suffix; None: base, cf<c>, rf<r> or itf_<file>")
     p.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
     add_precision_flag(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 FLAGS = {"class_to_forget": "--cf", "unlearning_rate": "--unlr", "idxs_to_forget": "--itf"}

@@ -38,18 +38,23 @@ GIF_DPI = 60
 GIF_FPS = 8
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="2D, 3D and animated t-SNE plots of features files.")
+def build_parser():
+    p = argparse.ArgumentParser(description="2D, 3D and animated t-SNE plots of features files.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-S", "--samples", type=int, default=3000, help="first S samples of each file")
     p.add_argument("--folders", nargs="+", default=folders,
-                   help="features folders (default: the `folders` list at the top of this script)")
+                   help="features folders; the default is the `folders` list at the top of this script")
     p.add_argument("--proto", action="store_true", help="embed and draw the class prototypes")
     p.add_argument("--no-gif", action="store_true", help="skip the rotating 3D GIF")
     p.add_argument("--seed", type=int, default=0, help="t-SNE seed (the same seed gives the same plots)")
     p.add_argument("--jobs", type=int, default=-1,
-                   help="t-SNE threads (default -1: all cores; on a busy machine 1 is faster)")
+                   help="t-SNE threads; -1: all cores (on a busy machine 1 is faster)")
     p.add_argument("--out", default=IMAGES_ROOT, help="root of the images tree")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ---------------------------------------------------------------- embedding

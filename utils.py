@@ -5,15 +5,17 @@ holds plain types only, so it always loads with `torch.load(weights_only=True)`.
 """
 import contextlib
 import glob
+import json
 import math
 import os
 import pickle
 import platform
 import random
+import re
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +123,8 @@ def default_precision():
 def add_precision_flag(parser):
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help=f"training precision; evaluation and the mask always run in fp32. auto: bf16 "
-                             f"on CUDA and on CPUs with native bf16, fp32 elsewhere (default: "
-                             f"${PRECISION_ENV}, else auto)")
+                             f"on CUDA and on CPUs with native bf16, fp32 elsewhere. None: "
+                             f"${PRECISION_ENV}, else auto")
 
 
 def compute_for(device, precision="auto"):
@@ -154,6 +156,66 @@ def mean_std(values):
     if len(vals) == 1:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+# ---------------------------------------------------------------- settings
+
+def setting(default, doc, interval=None, flags=()):
+    """A documented dataclass field, the one place a setting is defined: its type is the
+    field's annotation, `interval` ("(0, 1]", "[1, inf)") bounds a number, `flags` are
+    its command-line spellings. A default of None means "not given"; a dict default is
+    copied per instance."""
+    meta = {"doc": doc, "interval": interval, "flags": tuple(flags)}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def in_interval(x, interval):
+    lo_bracket, lo, hi, hi_bracket = re.fullmatch(r"([\[(])(.+),(.+)([\])])", interval.replace(" ", "")).groups()
+    lo, hi = float(lo), float(hi)
+    return ((x > lo or (lo_bracket == "[" and x == lo)) and
+            (x < hi or (hi_bracket == "]" and x == hi)))
+
+
+def value_problem(f, value):
+    """What is wrong with `value` for dataclass field `f` (a `setting`), or None."""
+    want = f.type
+    if value is None and f.default is None:
+        return None
+    ok = (isinstance(value, bool) if want is bool else
+          isinstance(value, int) and not isinstance(value, bool) if want is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+          isinstance(value, want))
+    if not ok:
+        return f"expected {want.__name__}, got {json.dumps(value)}"
+    if want is float and not math.isfinite(value):
+        return f"must be a finite number, got {json.dumps(value)}"
+    interval = f.metadata.get("interval")
+    if interval and not in_interval(value, interval):
+        return f"{value} outside {interval}"
+    return None
+
+
+def settings_problems(cls, values, what="key"):
+    """{name: problem} for the unknown names, wrong types and out-of-range values among
+    `values` (a dict) for settings dataclass `cls`."""
+    known = {f.name: f for f in fields(cls)}
+    out = {}
+    for name, value in values.items():
+        if name not in known:
+            out[name] = f"unknown {what} {name!r} (known: {', '.join(known) or 'none'})"
+        elif (problem := value_problem(known[name], value)):
+            out[name] = problem
+    return out
+
+
+def describe_setting(f):
+    """'float in (0, 1), default 0.99: the retain loss's weight' -- for -h and the README."""
+    kind = f.type.__name__ + (f" in {f.metadata['interval']}" if f.metadata.get("interval") else "")
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    return f"{kind}, default {default!r}: {f.metadata['doc']}" if default is not None else \
+        f"{kind}: {f.metadata['doc']}"
 
 
 # ---------------------------------------------------------------- files and checkpoints

@@ -45,14 +45,19 @@ folders = [
 IMAGES_ROOT = "images"
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Class-by-class Wasserstein distance matrices of features "
-                                            "files, and their deltas between folders.")
+                                            "files, and their deltas between folders.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-S", "--samples", type=int, default=1000, help="first S samples of each file")
     p.add_argument("--folders", nargs="+", default=folders,
-                   help="features folders (default: the `folders` list at the top of this script)")
+                   help="features folders; the default is the `folders` list at the top of this script")
     p.add_argument("--out", default=IMAGES_ROOT, help="root of the images tree")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ---------------------------------------------------------------- distances

@@ -1,11 +1,13 @@
 import csv
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
 import utils
+from utils import settings_problems
 from conftest import assert_is_top_saliency_mask, plain_forget_gradients, run_script
 from datasets import ForgetSpec, make_split
 from models import load_model
@@ -239,10 +241,9 @@ def test_shipped_experiment_files_are_well_formed():
         entries = json.loads(path.read_text())
         assert isinstance(entries, list) and entries, path
         for entry in entries:
-            assert not [k for k in entry if k not in main.KEYS], path
-            assert not [k for k, v in entry.items() if main.type_problem(k, v)], path
-            e = main.Experiment(**{"seed": 0, "batch_size": 64, **entry})
-            assert main.range_problems(e) == [], (path, entry)
+            assert settings_problems(main.Experiment, entry) == {}, (path, entry)
+            e = main.Experiment(**entry)
+            assert main.method_problems(e) == [], (path, entry)
             assert e.retrained and Path(e.checkpoint).name.startswith("resnet18_")
 
 
@@ -268,3 +269,45 @@ def test_resume_refuses_results_of_another_run(finished_run, tmp_path):
     r = run_script("main.py", "--resume", other, "-NL")
     assert r.returncode == 2 and "holds 4 result line(s) of another run" in r.stderr
     assert sorted(p.name for p in other.iterdir()) == ["config.json", "results.jsonl"]
+
+
+def test_every_method_runs_through_main_with_and_without_the_mask(ckpts, tmp_path):
+    """One main.py process, one epoch of every method; every other one with a 0.5 mask."""
+    import methods
+    names = list(methods.METHODS)
+    exps = [base_exp(ckpts, method=m, lr=0.01, **({"use_mask": True, "mask_thr": 0.5} if k % 2 else {}))
+            for k, m in enumerate(names)]
+    r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path, "--name", "all",
+                   env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "all" / "results.jsonl").read_text().splitlines()]
+    assert [row["name"].split("_", 1)[1].startswith(m) for row, m in zip(rows, names)] == [True] * len(names)
+    for k, row in enumerate(rows):
+        assert row["metrics"] and row["diverged_at"] is None, row["name"]
+        assert row["mask_fraction"] == (pytest.approx(0.5, abs=1e-6) if k % 2 else 1.0)
+
+
+def test_flags_come_from_the_experiment_fields(capsys):
+    import main
+    short = main.parse_args(["-CF", "3", "-UL", "0.1", "-IF", "f.json", "-E", "2", "-MA", "alpha=0.5", "-MA", "k=3",
+                             "-MA", "name=x"])
+    long = main.parse_args(["--cf", "3", "--unlr", "0.1", "--itf", "f.json", "--epochs", "2",
+                            "--method-arg", "alpha=0.5", "--method-arg", "k=3", "--method-arg", "name=x"])
+    assert main.overrides(short) == main.overrides(long) == {
+        "class_to_forget": 3, "unlearning_rate": 0.1, "idxs_to_forget": "f.json", "epochs": 2,
+        "method_args": {"alpha": 0.5, "k": 3, "name": "x"}}  # values read as JSON when they are JSON
+    assert main.overrides(main.parse_args([])) == {}  # nothing typed, nothing overridden
+    # -MA adds to a file's method_args; other keys replace the file's
+    assert main.with_overrides({"lr": 0.1, "method_args": {"alpha": 0.9, "msteps": 1}},
+                               {"lr": 0.2, "method_args": {"alpha": 0.5}}) == {
+        "lr": 0.2, "method_args": {"alpha": 0.5, "msteps": 1}}
+    with pytest.raises(SystemExit):
+        main.parse_args(["-h"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for f in fields(main.Experiment):
+        assert f.metadata["doc"].split()[0] in shown and f.metadata["flags"][0] in shown, f.name
+    assert "(in [1, inf); default: 10)" in shown and "(in (0, 1]; default: 0.5)" in shown
+    import methods
+    for name, m in methods.METHODS.items():  # every method, with its settings and their defaults
+        settings = ", ".join(f"{f.name}={f.default}" for f in fields(m.settings)) or "no settings"
+        assert f"{name}: " in shown and f"[{settings}]" in shown, name

@@ -75,7 +75,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     (("--lr", "inf"), "--lr finite"),
 ])
 def test_bad_arguments_end_in_one_line_and_exit_2(tmp_path, args, message, capsys):
-    """In this process, through the same cli() wrapper the script uses (test_reliability.py
+    """In this process, through the same cli() wrapper the script uses (test_bad_input.py
     runs such cases as subprocesses)."""
     with pytest.raises(SystemExit) as e:
         utils.cli(lambda: train_script.main([*TINY, "--save-dir", str(tmp_path), *map(str, args)]))

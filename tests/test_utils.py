@@ -110,3 +110,30 @@ def test_check_writable_creates_nothing_and_names_the_folder(tmp_path):
         utils.check_writable(tmp_path / "file" / "out", "--out")
     with pytest.raises(UserError, match="--save-dir /proc/salun.* is not writable"):
         utils.check_writable("/proc/salun", "--save-dir")  # not even root may create files there
+
+
+def test_intervals_by_hand():
+    assert utils.in_interval(0.5, "(0, 1)") and not utils.in_interval(0, "(0, 1)") and not utils.in_interval(1, "(0, 1)")
+    assert utils.in_interval(1, "(0, 1]") and utils.in_interval(0, "[0, 1)") and not utils.in_interval(1.5, "[0, 1]")
+    assert utils.in_interval(10**9, "[1, inf)") and not utils.in_interval(0, "[1, inf)")
+
+
+def test_settings_are_checked_from_their_fields():
+    from dataclasses import dataclass
+
+    @dataclass
+    class S:
+        rate: float = utils.setting(0.5, "a rate", "(0, 1)")
+        k: int = utils.setting(2, "a count", "[1, inf)")
+        name: str = utils.setting(None, "optional text")
+        flag: bool = utils.setting(False, "a switch")
+
+    assert utils.settings_problems(S, {"rate": 0.2, "k": 3, "name": None, "flag": True}) == {}
+    assert utils.settings_problems(S, {"rate": 1, "k": 2.0, "flag": 1, "kk": 1, "name": 3}) == {
+        "rate": "1 outside (0, 1)", "k": "expected int, got 2.0", "flag": "expected bool, got 1",
+        "kk": "unknown key 'kk' (known: rate, k, name, flag)", "name": 'expected str, got 3'}
+    assert utils.settings_problems(S, {"rate": float("nan")}) == {"rate": "must be a finite number, got NaN"}
+    assert utils.settings_problems(S, {"k": True}) == {"k": "expected int, got true"}  # a bool is not a count
+    f = {f.name: f for f in __import__("dataclasses").fields(S)}
+    assert utils.describe_setting(f["rate"]) == "float in (0, 1), default 0.5: a rate"
+    assert utils.describe_setting(f["name"]) == "str: optional text"

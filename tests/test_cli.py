@@ -1,0 +1,53 @@
+"""Command lines: every script's -h shows each default, and the forget flags read alike."""
+import argparse
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import run_script
+
+SCRIPTS = ("train.py", "base_test.py", "feature_extraction.py", "tsne_vis.py", "wasserstein.py",
+           "mask_vis.py", "bench.py")
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """`python <script> -h` of every script, run side by side (each one imports torch)."""
+    def run(script):  # wide enough that argparse wraps nothing
+        return run_script(script, "-h", env={"COLUMNS": "1000"}, timeout=120)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return dict(zip(SCRIPTS, pool.map(run, SCRIPTS)))
+
+
+def options(script):
+    """The script's optional arguments, from its own parser."""
+    parser = importlib.import_module(script.removesuffix(".py")).build_parser()
+    return [a for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default(script, helps):
+    r = helps[script]
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    opts = options(script)
+    assert opts or script == "mask_vis.py"
+    for action in opts:
+        assert action.help, f"{script} {action.option_strings[-1]} has no help text"
+        if action.default is None or action.default is False:
+            continue
+        shown = f"{' '.join(action.help.split())} (default: {action.default})"
+        assert shown in text, f"{script} {action.option_strings[-1]}: {shown!r} not in -h"
+
+
+FORGET_FLAGS = [("-CF", "--cf", "3"), ("-UL", "--unlr", "0.1"), ("-IF", "--itf", "forget.json")]
+
+
+@pytest.mark.parametrize("script,required", [("train.py", []), ("base_test.py", ["-c", "a.pt"])])
+@pytest.mark.parametrize("short,long,value", FORGET_FLAGS)
+def test_forget_flags_have_the_readme_spelling(script, required, short, long, value):
+    parse = importlib.import_module(script.removesuffix(".py")).parse_args
+    a, b = parse([*required, short, value]), parse([*required, long, value])
+    assert vars(a) == vars(b) != vars(parse(required))
