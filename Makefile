@@ -9,8 +9,9 @@ CKPT := checkpoints
 BASE := $(CKPT)/resnet18_digits_base.pt
 GOLD := $(CKPT)/resnet18_digits_cf0.pt
 GOLD_RF := $(CKPT)/resnet18_digits_rf0.1.pt
+GOLD_CF3 := $(CKPT)/resnet18_digits_cf3.pt
 
-.PHONY: setup test demo demo-random clean-demo
+.PHONY: setup test demo demo-random methods-digits clean-demo
 
 setup: $(STAMP)
 
@@ -27,6 +28,9 @@ $(BASE): | $(STAMP)
 
 $(GOLD): | $(STAMP)
 	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 --cf 0 -NL
+
+$(GOLD_CF3): | $(STAMP)
+	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 --cf 3 -NL
 
 $(GOLD_RF): | $(STAMP)
 	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 --unlr 0.1 -NL
@@ -49,5 +53,12 @@ demo-random: $(BASE) $(GOLD_RF)
 	rm -rf output/demo_random
 	$(PY) main.py -L exp/demo_random.json --nexp 3 -NL --name demo_random
 
+# Every method without and with the mask on digits (class 3, random 10%): the learning-rate
+# sweep, then the chosen settings three times each (about 40 minutes on 2 CPU cores).
+methods-digits: $(BASE) $(GOLD_CF3) $(GOLD_RF)
+	rm -rf output/methods_digits_sweep output/methods_digits
+	$(PY) main.py -L exp/methods_digits_sweep.json -NL --name methods_digits_sweep
+	$(PY) main.py -L exp/methods_digits.json --nexp 3 -NL --name methods_digits
+
 clean-demo:
-	rm -rf $(BASE) $(GOLD) $(GOLD_RF) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json) $(GOLD_RF:.pt=_forget.json) output/demo_random $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)
+	rm -rf $(BASE) $(GOLD) $(GOLD_RF) $(GOLD_CF3) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json) $(GOLD_RF:.pt=_forget.json) $(GOLD_CF3:.pt=_forget.json) output/demo_random output/methods_digits_sweep output/methods_digits $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)

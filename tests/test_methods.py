@@ -83,13 +83,24 @@ def test_mask_keeps_the_floor_thr_n_most_salient_entries(ckpts, digits):
 UNLEARNING = sorted(set(METHODS) - {"retrain"})  # retrain starts from a new model: nothing to keep
 
 
+# Per method, (lr, epochs, settings) with a margin: measured on fixture-like models (test_resnet,
+# 4 epochs) trained in fp32 and in bf16 with seeds 0, 1 and 2, each brought forget accuracy
+# on class 0 from above 85% to below 10%. These are stronger than the
+# README's settings for ResNet-18: the fixture is smaller and forgets less easily with
+# some methods (cf_k's default k=2 and ssd's default alpha left it at 70-100%).
+EFFECTIVE = {"rl": (0.1, 2, {}), "rl_split": (0.1, 2, {}), "ga": (0.1, 2, {}), "ga_small": (0.05, 2, {}),
+             "ft": (0.5, 3, {}), "neggrad_plus": (0.1, 2, {}), "scrub": (0.1, 2, {}), "l1_sparse": (0.5, 3, {}),
+             "bad_teacher": (0.1, 2, {}), "boundary_shrink": (0.1, 2, {}), "boundary_expanding": (0.1, 3, {}),
+             "cf_k": (0.5, 3, {"k": 3}), "eu_k": (0.1, 2, {}), "ssd": (0.1, 1, {"alpha": 0.5, "lam": 0.1})}
+
+
 @pytest.mark.parametrize("method", UNLEARNING)
 def test_with_a_0_2_mask_at_most_a_fifth_of_the_weights_move_and_the_rest_not_at_all(ckpts, digits, method):
     model, cfg = load_model(ckpts["base"], CPU)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run = tiny_run(digits, make_split(digits, ForgetSpec(class_to_forget=0), val_idx=cfg["val_idx"]), cfg)
     mask = saliency_mask(model, run, 0.2)
-    unlearn(method, model, run, mask)
+    unlearn(method, model, run, mask, **EFFECTIVE[method][2])
     assert dict(model.named_parameters()).keys() == before.keys()  # boundary_expanding's extra class is gone
     changed = total = 0
     for n, p in model.named_parameters():
@@ -101,11 +112,8 @@ def test_with_a_0_2_mask_at_most_a_fifth_of_the_weights_move_and_the_rest_not_at
     assert all(p.requires_grad for p in model.parameters())  # cf_k / eu_k unfreeze what they froze
 
 
-# Per method, (lr, epochs, settings) with a margin: measured on fixture-like models trained
-# in fp32 and in bf16 with three seeds, each brought forget accuracy on class 0 from above
-# 85% to below 40%.
-EFFECTIVE = {"rl": (0.1, 2, {}), "rl_split": (0.1, 2, {}), "ga": (0.1, 2, {}), "ga_small": (0.05, 2, {}),
-             "ft": (0.5, 3, {})}
+def test_every_unlearning_method_has_a_forgetting_test():
+    assert EFFECTIVE.keys() == set(UNLEARNING)
 
 
 @pytest.mark.parametrize("method", sorted(EFFECTIVE))
