@@ -2,6 +2,7 @@
 
     python main.py -L exp/classforget.json --nexp 5
     python main.py -c checkpoints/resnet18_digits_base.pt -CF 0 -M rl_split -UM -MT 0.2 -NL
+    python main.py -c checkpoints/resnet18_digits_base.pt -CF 3 -M scrub -MA msteps=1 -E 3 -LR 0.01 -NL
     python main.py --resume output/20261130-101500_classforget
 
 Results go to output/<run>/: config.json (the resolved experiments), results.jsonl (one
@@ -32,9 +33,9 @@ from datasets import ForgetSpec
 from methods import (METHODS, Run, cross_entropy, forget_gradients, make_optimizer, mask_from_gradients,
                      sgd_pass)
 from models import load_model, load_model_checkpoint, model_from_config
-from utils import (Logger, UserError, settings_problems, setting, add_precision_flag, announce_compute, atomic_write_text,
-                   check_writable, cli, compute_for, default_precision, device_name, get_device,
-                   make_generator, mean_std, save_checkpoint, seed_everything, timestamp, unique_dir)
+from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write_text, check_writable, cli,
+                   compute_for, default_precision, device_name, get_device, make_generator, mean_std,
+                   save_checkpoint, seed_everything, setting, settings_problems, timestamp, unique_dir)
 
 
 @dataclass

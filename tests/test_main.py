@@ -168,8 +168,8 @@ def test_resume_redoes_only_missing_runs_and_drops_a_torn_line(finished_run, tmp
     ({"method": "magic"}, "unknown method 'magic'; known: rl"),
     ({"mask_thr": 0.0}, "mask_thr: 0.0 outside (0, 1]"),
     ({"mask_thr": 1.5}, "outside (0, 1]"),
-    ({"lr": -1}, "lr: must be positive"),
-    ({"epochs": 0}, "epochs: must be positive"),
+    ({"lr": -1}, "lr: -1 outside (0, inf)"),
+    ({"epochs": 0}, "epochs: 0 outside [1, inf)"),
     ({"lr": float("nan")}, "lr: must be a finite number, got NaN"),
     ({"mask_thr": float("inf")}, "mask_thr: must be a finite number, got Infinity"),
     ({"unlearning_rate": float("nan"), "class_to_forget": None}, "unlearning_rate: must be a finite number"),
@@ -190,8 +190,8 @@ def test_every_problem_is_reported_one_line_each(ckpts, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 6, r.stderr
     for line, part in zip(lines, ("unknown key 'bogus'", "epochs: expected int", "lr: must be a finite",
-                                  "checkpoint: checkpoint nope.pt not found", "method: unknown method",
-                                  "mask_thr: 2.0 outside")):
+                                  "checkpoint: checkpoint nope.pt not found", "mask_thr: 2.0 outside",
+                                  "method: unknown method")):
         assert part in line
     assert all("experiment 0" in x for x in lines[:4]) and all("experiment 1" in x for x in lines[4:])
 
