@@ -5,7 +5,7 @@
 
 Each checkpoint is evaluated on its own split (its forget set and validation indices),
 or on the forget spec given with --cf / --unlr / --itf. Prints one table and writes
-it as JSON (--out).
+it as JSON under --out (default output/).
 """
 import argparse
 import json
@@ -33,7 +33,7 @@ def build_parser():
                    help="evaluate as if forgetting the indices in this JSON file")
     p.add_argument("--seed", type=int, default=None, help="draws the --unlr forget set; None: the checkpoint's seed")
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attacks")
-    p.add_argument("--out", default=None, help="JSON file; None: output/base_test_<time>.json")
+    p.add_argument("--out", default="output", help="folder the script writes under: <out>/base_test_<time>.json")
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="dataset download folder")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
     return p
@@ -89,11 +89,11 @@ def main(argv=None):
     spec = ForgetSpec(args.cf, args.unlr, args.itf)
     problems = spec.problems()
     if problems:
-        raise UserError("\n".join(f"{key}: {msg}" for key, msg in problems))
+        raise UserError("\n".join(f"{datasets.FORGET_FLAGS.get(key, key)}: {msg}" for key, msg in problems))
     for path in args.checkpoints:
         load_model_checkpoint(path)  # every checkpoint checked before any is evaluated
-    out = Path(args.out or f"output/base_test_{timestamp()}.json")
-    check_writable(out.parent, "--out folder")
+    check_writable(args.out, "--out")
+    out = Path(args.out) / f"base_test_{timestamp()}.json"
     device = get_device(args.device)
     cache = {}
     rows = [evaluate_checkpoint(path, spec, args, device, cache) for path in args.checkpoints]

@@ -238,6 +238,10 @@ def load_dataset(name, data_dir=DEFAULT_DATA_DIR, device="cpu"):
 
 # ---------------------------------------------------------------- forget specs and splits
 
+# How train.py and base_test.py spell the forget-spec keys on their command lines.
+FORGET_FLAGS = {"class_to_forget": "--cf", "unlearning_rate": "--unlr", "idxs_to_forget": "--itf"}
+
+
 @dataclass(frozen=True)
 class ForgetSpec:
     """Exactly one of the three, or none for a model trained on everything."""

@@ -40,6 +40,8 @@ from models import load_model
 from utils import UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_checkpoint
 
 FEATURES_ROOT = "features"
+SAMPLES = 1000  # -S of feature_extraction.py, tsne_vis.py and wasserstein.py
+SAMPLES_HELP = "the first S training samples (-S means this in all three latent-space scripts)"
 DECIMALS = 6  # 1e-6 absolute is far below what t-SNE or OT resolve, and halves the file
 REQUIRED = ("all_features", "all_labels", "proto")
 CONFIG_KEYS = ("model", "dataset", "num_classes", "in_chans", "img_size")
@@ -51,15 +53,15 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-D", "--directory", required=True, nargs="+", default=argparse.SUPPRESS,
                    help="folder(s) of checkpoints, e.g. reduced/base/")
-    p.add_argument("-S", "--samples", type=int, default=5000,
-                   help="number of training samples to embed (the first S, the same for every checkpoint)")
+    p.add_argument("-S", "--samples", type=int, default=SAMPLES, help=SAMPLES_HELP + ", embedded")
     p.add_argument("-B", "--batch-size", type=int, default=500, help="samples per forward pass")
     p.add_argument("-W", "--num-workers", type=int, default=0,
                    help="accepted for compatibility and ignored: batches are cut from tensors "
                         "already in memory, there is no DataLoader")
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="dataset download folder")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
-    p.add_argument("--out", default=FEATURES_ROOT, help="root of the features tree")
+    p.add_argument("--out", default=FEATURES_ROOT,
+                   help="folder the script writes under: <out>/<checkpoint folder>/<stem>.json")
     return p
 
 
@@ -257,10 +259,19 @@ def read_features(path, n=None):
                     str(data.get("model", "unknown")), forget, forget_idx[forget_idx < n])
 
 
+def features_folders(root=FEATURES_ROOT):
+    """Every folder under `root` that holds features files, sorted (features/checkpoints
+    comes before features/output/<run>: base models before the runs that unlearn them)."""
+    return sorted({str(p.parent) for p in Path(root).rglob("*.json")})
+
+
 def read_folders(folders, n=None):
-    """{folder: [Features, ...]} for every *.json of every folder, all checked before use."""
+    """{folder: [Features, ...]} for every *.json of every folder, all checked before use;
+    no folders: every folder under features/."""
+    folders = folders or features_folders()
     if not folders:
-        raise UserError("no features folders given")
+        raise UserError(f"no features files under {FEATURES_ROOT}/; make them with "
+                        f"python feature_extraction.py -D <checkpoint folder>")
     out = {}
     for folder in dict.fromkeys(str(Path(f)) for f in folders):
         if not Path(folder).is_dir():

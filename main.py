@@ -13,6 +13,8 @@ its saliency mask (masks/<name>.pt).
 import argparse
 import contextlib
 import copy
+import csv
+import io
 import json
 import math
 import re
@@ -35,7 +37,7 @@ from methods import (METHODS, Run, cross_entropy, forget_gradients, make_optimiz
 from models import load_model, load_model_checkpoint, model_from_config
 from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write_text, check_writable, cli,
                    compute_for, default_precision, device_name, get_device, make_generator, mean_std,
-                   save_checkpoint, seed_everything, setting, settings_problems, timestamp, unique_dir)
+                   save_checkpoint, save_mask, seed_everything, setting, settings_problems, timestamp, unique_dir)
 
 
 @dataclass
@@ -111,7 +113,7 @@ class Checker:
         try:
             cfg = self.config(e.checkpoint)
         except UserError as err:
-            return out + [("checkpoint", str(err))]
+            return out + [("checkpoint", str(err) + missing_checkpoint_hint(e.checkpoint))]
         if out:
             return out
         out = e.spec.problems(cfg["num_classes"])
@@ -130,7 +132,7 @@ class Checker:
         try:
             gold = self.config(e.retrained)
         except UserError as err:
-            return [("retrained", str(err))]
+            return [("retrained", str(err) + missing_checkpoint_hint(e.retrained))]
         if gold["dataset"] != cfg["dataset"]:
             return [("retrained", f"{e.retrained} was trained on {gold['dataset']}, "
                                   f"the checkpoint on {cfg['dataset']}")]
@@ -143,33 +145,105 @@ class Checker:
         return []
 
 
+def train_command(path):
+    """The train.py command that writes checkpoint `path`, read from its name
+    (<model>_<dataset>_<base | cf<c> | rf<r> | itf_<stem>>.pt), or None."""
+    path = Path(path)
+    found = re.fullmatch(rf"(.+)_({'|'.join(datasets.DATASETS)})_(base|cf\d+|rf[0-9.]+|itf_.+)", path.stem)
+    if not found:
+        return None
+    model, dataset, comment = found.groups()
+    flags = {"b": "", "c": f" --cf {comment[2:]}", "r": f" --unlr {comment[2:]}",
+             "i": f" --itf {path.parent / comment[4:]}_forget.json"}[comment[0]]
+    folder = "" if path.parent == Path("checkpoints") else f" --save-dir {path.parent}"
+    return f"python train.py --model {model} --dataset {dataset}{flags}{folder}"
+
+
+def missing_checkpoint_hint(path):
+    command = train_command(path)
+    return f"; train.py makes it: {command}" if command and not Path(path).exists() else ""
+
+
+def flag_names(key):
+    """'-c/--checkpoint' for an Experiment key (and 'method_args: x' for one of its parts):
+    how the command line spells it."""
+    head, _, rest = key.partition(": ")
+    flags = KEYS[head].metadata.get("flags") if head in KEYS else None
+    name = "/".join(flags[:2]) if flags else head
+    return f"{name}: {rest}" if rest else name
+
+
+def span(indices):
+    """'experiment 3', 'experiments 0-19' or 'experiments 0, 2, 5'."""
+    if len(indices) == 1:
+        return f"experiment {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"experiments {indices[0]}-{indices[-1]}"
+    return "experiments " + ", ".join(map(str, indices))
+
+
+def problem_lines(problems, where):
+    """One line per distinct problem, naming every experiment that has it; on the command
+    line, keys are named by their flags."""
+    grouped = {}
+    for i, key, msg in problems:
+        grouped.setdefault((key, msg), []).append(i)
+    lines = []
+    for (key, msg), indices in grouped.items():
+        label = key
+        if where == "command line":  # keys as the flags the user typed, also inside the message
+            label = "" if key == "forget spec" else flag_names(key)
+            msg = re.sub(r"\b(" + "|".join(k for k in KEYS if "_" in k) + r")\b", lambda m: flag_names(m[1]), msg)
+        text = f"{label}: {msg}" if label and not msg.startswith(key.split(": ")[0] + " ") else msg
+        lines.append(f"{where}: {text}" if where == "command line" else f"{where}: {span(indices)}: {text}")
+    return lines
+
+
 def resolve(entries, where, data_dir):
     """Experiments from raw dicts (file values with the command line's on top); every problem at once."""
     if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
         raise UserError(f"{where}: expected a non-empty list of experiment objects")
     problems, experiments, checker = [], [], Checker(data_dir)
     for i, entry in enumerate(entries):
-        here = f"{where}: experiment {i}"
         bad = settings_problems(Experiment, entry)
-        problems += [f"{here}: {msg}" if k not in KEYS else f"{here}: {k}: {msg}" for k, msg in bad.items()]
+        problems += [(i, k if k in KEYS else "", msg) for k, msg in bad.items()]
         # The rest of the experiment is still checked, with defaults in place of the bad values;
         # what depends on a bad checkpoint or forget key is not (it would only repeat the problem).
         e = Experiment(**{k: v for k, v in entry.items() if k not in bad})
         local = method_problems(e) if not {"method", "method_args"} & set(bad) else []
         if not set(bad) & {"checkpoint", "retrained", "seed", *FORGET_KEYS}:
             local += checker.problems(e)
-        problems += [f"{here}: {key}: {msg}" for key, msg in local]
+        problems += [(i, key, msg) for key, msg in local]
         experiments.append(e)
     if problems:
-        raise UserError("\n".join(problems))
+        raise UserError("\n".join(problem_lines(problems, where)))
     return experiments
 
 
+def method_settings(e):
+    """The method's settings with their defaults filled in: {name: value}."""
+    return asdict(METHODS[e.method].settings(**e.method_args))
+
+
+VARYING = (("lr", "lr"), ("epochs", "E"), ("batch_size", "bs"), ("seed", "seed"))  # key, short name
+
+
 def experiment_names(experiments):
+    """'<index>_<method>[_mask<thr>]_<forget set>', then whatever else differs between the
+    experiments of the list (lr, epochs, batch size, method settings, seed, checkpoint), so
+    that every row of a sweep says what it is; a `tag` replaces all but the index."""
+    varying = [(k, short) for k, short in VARYING if len({getattr(e, k) for e in experiments}) > 1]
+    given = [{(k, json.dumps(v)) for k, v in e.method_args.items()} for e in experiments]
+    common = set.intersection(*given) if given else set()
+    many_checkpoints = len({e.checkpoint for e in experiments}) > 1
     names = []
-    for i, e in enumerate(experiments):
-        auto = f"{e.method}{'_mask' + format(e.mask_thr, 'g') if e.use_mask else ''}_{e.spec.describe()}"
-        names.append(f"{i:02d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", e.tag or auto))
+    for i, (e, args) in enumerate(zip(experiments, given)):
+        parts = [e.method + (f"_mask{e.mask_thr:g}" if e.use_mask else ""), e.spec.describe()]
+        parts += [f"{short}{getattr(e, k):g}" for k, short in varying]
+        parts += [f"{k}{json.loads(v)}" for k, v in sorted(args - common)]
+        if many_checkpoints:
+            parts.append(Path(e.checkpoint).stem)
+        names.append(f"{i:02d}_" + re.sub(r"[^A-Za-z0-9_.+-]+", "-", e.tag or "_".join(parts)))
     return names
 
 
@@ -374,7 +448,7 @@ def summarize(names, experiments, rows, refs):
             continue
         finished = [flat(r) for r in mine if r["diverged_at"] is None]
         row = {"experiment": name, "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
-               "forget": e.spec.describe(), "runs": len(mine)}
+               "forget": e.spec.describe(), "runs": len(mine), **settings_columns(e)}
         for k in SUMMARY_KEYS + CSV_ONLY_KEYS:
             vals = [m[k] for m in finished if m.get(k) is not None]
             if vals:
@@ -398,41 +472,110 @@ def do_nothing_line(table):
             f"(the do-nothing baseline: base row's avg_gap)")
 
 
+SETTING_KEYS = ("lr", "epochs", "batch_size", "seed", "checkpoint", "retrained")
+
+
+def settings_columns(e):
+    """What the experiment ran with, for summary.csv: its settings and its method's (with defaults)."""
+    return {**{k: getattr(e, k) for k in SETTING_KEYS},
+            **{f"method_args.{k}": v for k, v in method_settings(e).items()}}
+
+
 COLUMNS = ("experiment", "method", "mask", "forget", "runs") + SUMMARY_KEYS + (BEATS, "diverged")
-CSV_COLUMNS = COLUMNS[:-2] + CSV_ONLY_KEYS + COLUMNS[-2:]
 NUMERIC = SUMMARY_KEYS + CSV_ONLY_KEYS
+# The terminal's table: the numbers a reader compares, at most 120 characters wide.
+SCREEN = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"), ("rte_s", "RTE s"))
+SCREEN_WIDTH = 120
 
 
-def cell(v, key):
-    if isinstance(v, tuple):
-        digits = 3 if key in ("rte_s", "mask_fraction", "mask_zero_fraction") else 2
-        return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if not math.isnan(v[0]) else "n/a"
-    return str(v)
+def cell(v, key, runs=2, sep=" ± ", digits=None):
+    """'mean ± std', or the mean alone for a single run (its std says nothing)."""
+    if not isinstance(v, tuple):
+        return str(v)
+    if math.isnan(v[0]):
+        return "n/a"
+    digits = digits or (3 if key in ("rte_s", "mask_fraction", "mask_zero_fraction") else 2)
+    return f"{v[0]:.{digits}f}" + (f"{sep}{v[1]:.{digits}f}" if runs > 1 else "")
 
 
-def csv_line(row):
-    vals = []
-    for k in CSV_COLUMNS:
-        v = row.get(k, "")
-        if k in NUMERIC:
-            vals += [f"{v[0]:.4f}", f"{v[1]:.4f}"] if v else ["", ""]
-        else:
-            vals.append(f'"{v}"' if "," in str(v) else str(v))
-    return ",".join(vals)
+def csv_columns(table):
+    settings = list(dict.fromkeys(k for row in table for k in row if k in SETTING_KEYS or k.startswith("method_args.")))
+    return ["experiment", "method", "mask", "forget", "runs"] + settings + list(NUMERIC) + [BEATS, "diverged"]
 
 
-def write_summary(run_dir, table):
-    """summary.csv, summary.md and summary.png; returns the Markdown to print."""
-    header = [c for k in CSV_COLUMNS for c in ((k, k + "_std") if k in NUMERIC else (k,))]
-    atomic_write_text(run_dir / "summary.csv", "\n".join([",".join(header)] + [csv_line(r) for r in table]) + "\n")
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(cell(row.get(k, "n/a" if k in METRIC_KEYS else ""), k) for k in COLUMNS) + " |"
-           for row in table]
+def csv_text(table):
+    columns = csv_columns(table)
+    header = [c for k in columns for c in ((k, k + "_std") if k in NUMERIC else (k,))]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in table:
+        line = []
+        for k in columns:
+            v = row.get(k, "")
+            if k in NUMERIC:
+                line += [f"{v[0]:.4f}", f"{v[1]:.4f}"] if v else ["", ""]
+            else:
+                line.append("" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v)
+        writer.writerow(line)
+    return out.getvalue()
+
+
+def markdown(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def shorten(text, room):
+    """`text` cut in the middle to at most `room` characters: both ends say what a row is."""
+    if len(text) <= room:
+        return text
+    head = (room - 1) // 2
+    return text[:head] + "…" + text[len(text) - (room - 1 - head):]
+
+
+def screen_table(table):
+    """The terminal's summary, at most SCREEN_WIDTH characters wide: the metrics a reader
+    compares, names shortened in the middle to fit (summary.md has them whole), a runs
+    column only when experiments ran different numbers of runs."""
+    several_specs = len({r["forget"] for r in table}) > 1
+    names = [f"{r['experiment']}, {r['forget']}" if several_specs and r["method"] == "-" else r["experiment"]
+             for r in table]
+    columns = [[cell(r.get(k, "n/a"), k, r.get("runs", 1), sep="±", digits=1 if k == "rte_s" else 2) for r in table]
+               for k, _ in SCREEN]
+    header = [label for _, label in SCREEN]
+    experiment_runs = {r["runs"] for r in table if r["method"] != "-"}
+    if len(experiment_runs) > 1:
+        columns.insert(0, [str(r["runs"]) for r in table])
+        header.insert(0, "runs")
+    widths = [max(len(h), *map(len, col)) for h, col in zip(header, columns)]
+    room = SCREEN_WIDTH - 4 - 3 * len(widths) - sum(widths)
+    names = [shorten(n, room) for n in names]
+    widths.insert(0, max(len("experiment"), *map(len, names)))
+    columns.insert(0, names)
+    header.insert(0, "experiment")
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(cells) for cells in zip(*columns)]
+    if len(experiment_runs) == 1 and experiment_runs != {1}:
+        out.append(f"mean ± std over {experiment_runs.pop()} runs; full table with settings: summary.md, summary.csv")
+    out += [f"{r['experiment']}: {r['diverged']}" for r in table if r.get("diverged")]
+    return "\n".join(out)
+
+
+def write_summary(run_dir, table, results=()):
+    """summary.csv (every setting and metric), summary.md (the full table) and the figures;
+    returns the terminal's table."""
+    atomic_write_text(run_dir / "summary.csv", csv_text(table))
+    md = markdown(COLUMNS, [[cell(row.get(k, "n/a" if k in METRIC_KEYS else ""), k, row.get("runs", 1))
+                             for k in COLUMNS] for row in table])
     line = do_nothing_line(table)
-    text = "\n".join(md) + ("\n\n" + line if line else "")
-    atomic_write_text(run_dir / "summary.md", text + "\n")
+    atomic_write_text(run_dir / "summary.md", md + ("\n\n" + line if line else "") + "\n")
     plots.plot_summary(run_dir / "summary.png", table)
-    return text
+    plots.plot_tradeoff(run_dir / "tradeoff.png", table)
+    if results:
+        plots.plot_curves(run_dir / "curves.png", table, results)
+    return screen_table(table) + ("\n\n" + line if line else "")
 
 
 # ---------------------------------------------------------------- the command line
@@ -557,6 +700,9 @@ def plan(args, device):
         entries, where = load_list(args.load), args.load
         if isinstance(entries, list):
             entries = [with_overrides(x, given) if isinstance(x, dict) else x for x in entries]
+    elif not given.keys() & {"checkpoint", *FORGET_KEYS}:
+        raise UserError("nothing to unlearn: give an experiment list (-L FILE), or a checkpoint (-c) and what "
+                        "to forget (-CF CLASS, -UL FRACTION or -IF JSON); see python main.py -h")
     else:
         entries, where = [given], "command line"
     experiments = resolve(entries, where, args.data_dir)
@@ -577,7 +723,7 @@ def save_outputs(run_dir, name, e, ctx, model, mask, result):
                   kept_fraction=mask.kept_fraction if mask else None, **ctx.compute.describe())
     save_checkpoint(run_dir / f"{name}.pt", model.state_dict(), config)
     if mask:
-        save_checkpoint(run_dir / "masks" / f"{name}.pt", mask.keep,
+        save_mask(run_dir / "masks" / f"{name}.pt", mask.keep,
                         {"name": name, "experiment": asdict(e), "kept_fraction": mask.kept_fraction,
                          "zero_fraction": mask.zero_fraction})
 
@@ -615,7 +761,7 @@ def main(argv=None):
                 f.flush()
             rows.append(row)
     table = summarize(names, experiments, rows, refs)
-    md = write_summary(run_dir, table)
+    md = write_summary(run_dir, table, rows)
     if (run_dir / "masks").is_dir():
         plots.plot_masks(run_dir)
     print(md)

@@ -2,9 +2,9 @@
 
     python mask_vis.py output/20261130-101500_classforget
 
-Reads <run>/masks/*.pt, the masks main.py saves (one per masked experiment, loadable
-with utils.load_checkpoint: {"state_dict": {parameter: bool tensor}, "config":
-{"name", "experiment", "kept_fraction"}}), and writes into the run folder:
+Reads <run>/masks/*.pt, the masks main.py saves (one per masked experiment, one bit per
+weight; `utils.load_mask(path)` gives back ({parameter: bool tensor}, config with "name",
+"experiment", "kept_fraction")), and writes into the run folder:
 
     mask_layers.png    kept fraction of every parameter, in model order (top), and of
                        every stage, weighted by entries (bottom); one colour per

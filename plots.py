@@ -1,6 +1,8 @@
 """Figures shared by the scripts: a run's summary, its saliency masks, annotated heatmaps.
 
     plots.plot_summary("output/<run>/summary.png", table)   # main.py, at the end of a run
+    plots.plot_tradeoff("output/<run>/tradeoff.png", table)
+    plots.plot_curves("output/<run>/curves.png", table, results)
     plots.plot_masks("output/<run>")                        # main.py and mask_vis.py
     plots.heatmap(ax, matrix, labels, "viridis", 0, 1, "distance")  # wasserstein.py, masks
 
@@ -17,37 +19,144 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import torch
 
 from datasets import ForgetSpec
-from utils import UserError, atomic_write, atomic_write_text, load_checkpoint
+from utils import UserError, atomic_write, atomic_write_text, load_mask
 
 ANNOTATE_MAX = 12  # above this many classes the cell numbers become unreadable
 
 
-# ---------------------------------------------------------------- summary
+# ---------------------------------------------------------------- a run's summary
+
+DPI = 100
+MAX_WIDTH_IN = 15  # figures stay at most 1500 px wide
+REFERENCES = {"base (before)": ("black", "*"), "gold standard": ("goldenrod", "P")}
+PANELS = (("UA", "UA: 100 − forget acc. (%)"), ("RA", "RA: retain acc. (%)"), ("TA", "TA: test acc. (%)"),
+          ("MIA", "MIA-efficacy (%)"), ("avg_gap", "Avg. Gap to gold (lower = better)"), ("rte_s", "RTE (s)"))
+MASK_MARKERS = "sD^vph<>"
+
+
+def method_colours(table):
+    methods = list(dict.fromkeys(r["method"] for r in table if r["experiment"] not in REFERENCES))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+def mask_markers(table):
+    masks = sorted({r["mask"] for r in table if r["mask"] != "-" and r["experiment"] not in REFERENCES}, key=float)
+    return {"-": "o", **{m: MASK_MARKERS[i % len(MASK_MARKERS)] for i, m in enumerate(masks)}}
+
+
+def save(fig, path):
+    atomic_write(path, lambda out: fig.savefig(out, format="png", dpi=DPI))
+    plt.close(fig)
+
 
 def plot_summary(path, table):
-    keys = [k for k in ("UA", "RA", "TA", "MIA", "avg_gap") if any(k in r for r in table)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(table) * len(keys) / 2), 4.5), dpi=100)
-    width = 0.8 / len(keys)
-    for j, k in enumerate(keys):
-        xs = [i + j * width for i, r in enumerate(table) if k in r]
-        ax.bar(xs, [r[k][0] for r in table if k in r], width, yerr=[r[k][1] for r in table if k in r],
-               label=k, capsize=2)
-    for r in table:  # the do-nothing reference: the original model's Avg. Gap
-        if r["experiment"] == "base (before)" and "avg_gap" in r:
-            ax.axhline(r["avg_gap"][0], color="black", linestyle="--", linewidth=1,
-                       label=f"do nothing: Avg. Gap {r['avg_gap'][0]:.2f} ({r['forget']})")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))])
-    ax.set_xticklabels([r["experiment"] for r in table], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("percent")
-    ax.set_title("Unlearning: mean ± std over runs")
-    ax.legend(ncol=len(keys), fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda out: fig.savefig(out, format="png"))
-    plt.close(fig)
+    """One panel per metric, experiments on one shared vertical axis (base and gold rows
+    included), bars coloured by method, the mean ± std written beside each bar."""
+    panels = [(k, title) for k, title in PANELS if any(k in r for r in table)]
+    colours = method_colours(table)
+    n = len(table)
+    fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False,
+                             figsize=(MAX_WIDTH_IN, 1.3 + 0.28 * n), dpi=DPI, layout="constrained")
+    ys = np.arange(n)[::-1]
+    for ax, (k, title) in zip(axes[0], panels):
+        for y, r in zip(ys, table):
+            if k not in r:
+                continue
+            mean, std = r[k]
+            colour = REFERENCES.get(r["experiment"], (colours.get(r["method"]),))[0]
+            ax.barh(y, mean, xerr=std if r.get("runs", 1) > 1 else None, color=colour, height=0.7,
+                    error_kw={"elinewidth": 0.8, "capsize": 2})
+            ax.text(mean + (std if r.get("runs", 1) > 1 else 0), y, f" {mean:.3g}", va="center", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.margins(x=0.25)
+        ax.grid(axis="x", alpha=0.3)
+    several_specs = len({r["forget"] for r in table}) > 1
+    labels = [f"{r['experiment']}, {r['forget']}" if several_specs and r["experiment"] in REFERENCES
+              else r["experiment"] for r in table]
+    axes[0][0].set_yticks(ys, labels, fontsize=8)
+    fig.suptitle("Unlearning summary: mean ± std over runs; colour = method, black = base, gold = gold standard",
+                 fontsize=10)
+    save(fig, path)
+
+
+def plot_tradeoff(path, table):
+    """Forgetting (UA) against utility (TA, RA): one point per experiment with its ± as
+    error bars, one row of panels per forget set; colour = method, marker = mask threshold."""
+    specs = list(dict.fromkeys(r["forget"] for r in table))
+    colours, markers = method_colours(table), mask_markers(table)
+    fig, axes = plt.subplots(len(specs), 2, squeeze=False, figsize=(13, 0.6 + 4.4 * len(specs)), dpi=DPI,
+                             layout="constrained")
+    for row_axes, spec in zip(axes, specs):
+        rows = [r for r in table if r["forget"] == spec and "UA" in r]
+        for ax, k in zip(row_axes, ("TA", "RA")):
+            for r in rows:
+                if k not in r:
+                    continue
+                (x, dx), (y, dy) = r["UA"], r[k]
+                colour, marker = REFERENCES.get(r["experiment"], (colours.get(r["method"]), markers[r["mask"]]))
+                size = 14 if r["experiment"] in REFERENCES else 7
+                several = r.get("runs", 1) > 1
+                ax.errorbar(x, y, xerr=dx if several else None, yerr=dy if several else None, fmt=marker,
+                            color=colour, markersize=size, markeredgecolor="black", markeredgewidth=0.5,
+                            elinewidth=0.8, capsize=2, alpha=0.9)
+            ax.set_xlabel("UA: 100 − accuracy on the forget set (%); higher = forgets more", fontsize=9)
+            ax.set_ylabel(f"{k}: {'test' if k == 'TA' else 'retain'} accuracy (%)", fontsize=9)
+            ax.set_title(f"forget {spec}: forgetting vs {'test' if k == 'TA' else 'retain'} accuracy", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+    handles = [Line2D([], [], color=c, marker=m, linestyle="", markersize=10, markeredgecolor="black",
+                      label=label) for label, (c, m) in REFERENCES.items()]
+    handles += [Line2D([], [], color=c, marker="o", linestyle="", markersize=7, label=m) for m, c in colours.items()]
+    handles += [Line2D([], [], color="grey", marker=m, linestyle="", markersize=7,
+                       label="no mask" if k == "-" else f"mask {k}") for k, m in markers.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    save(fig, path)
+
+
+def plot_curves(path, table, results):
+    """UA, RA and TA after every epoch of every experiment (mean over its finished runs),
+    from the history in results.jsonl; one row of panels per forget set, the gold
+    standard's values dotted black."""
+    experiments = [r for r in table if r["experiment"] not in REFERENCES]
+    specs = list(dict.fromkeys(r["forget"] for r in experiments))
+    if not specs:
+        return
+    cmap, dashes = plt.get_cmap("tab10"), ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(len(specs), 3, squeeze=False, figsize=(MAX_WIDTH_IN, 0.6 + 3.6 * len(specs)),
+                             dpi=DPI, layout="constrained")
+    for row_axes, spec in zip(axes, specs):
+        gold = next((r for r in table if r["experiment"] == "gold standard" and r["forget"] == spec), None)
+        handles = []
+        for j, r in enumerate(e for e in experiments if e["forget"] == spec):
+            runs = [x["history"] for x in results if x.get("name") == r["experiment"] and x.get("history")]
+            if not runs:
+                continue
+            epochs = range(1, min(map(len, runs)) + 1)
+            style = {"color": cmap(j % 10), "linestyle": dashes[j // 10 % len(dashes)], "marker": "o",
+                     "markersize": 3, "linewidth": 1.2}
+            for ax, k in zip(row_axes, ("UA", "RA", "TA")):
+                ax.plot(list(epochs), [np.mean([h[e - 1][k] for h in runs]) for e in epochs], **style)
+            handles.append(Line2D([], [], label=r["experiment"], **style))
+        for ax, (k, title) in zip(row_axes, PANELS[:3]):
+            if gold and k in gold:
+                ax.axhline(gold[k][0], color="black", linestyle=":", linewidth=1.5)
+            ax.set_title(f"forget {spec}: {title}", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=9)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+        if gold:
+            handles.append(Line2D([], [], color="black", linestyle=":", label="gold standard"))
+        row_axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7,
+                            frameon=False, ncol=1 if len(handles) <= 24 else 2)
+    save(fig, path)
 
 
 # ---------------------------------------------------------------- heatmaps
@@ -97,12 +206,8 @@ class SavedMask:
 
 
 def read_mask(path):
-    ckpt = load_checkpoint(path)
-    keep = ckpt["state_dict"]
-    if not keep or any(t.dtype != torch.bool for t in keep.values()):
-        raise UserError(f"{path} is not a saliency mask (its tensors must be boolean)")
-    config = ckpt["config"]
-    return SavedMask(str(config.get("name") or path.stem), config.get("experiment") or {}, keep)
+    keep, config = load_mask(path)
+    return SavedMask(str(config.get("name") or Path(path).stem), config.get("experiment") or {}, keep)
 
 
 def read_masks(run_dir):

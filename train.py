@@ -36,12 +36,12 @@ def build_parser():
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of SGD")
     p.add_argument("-CF", "--cf", type=int, default=None, metavar="CLASS",
                    help="class to leave out of training; None: no class")
-    p.add_argument("-UL", "--unlr", type=float, default=0.0, metavar="FRACTION",
-                   help="fraction of the training set to leave out, at random")
+    p.add_argument("-UL", "--unlr", type=float, default=None, metavar="FRACTION",
+                   help="fraction of the training set to leave out, at random, in (0, 1); None: none")
     p.add_argument("-IF", "--itf", default=None, metavar="JSON",
                    help="forget-index JSON: leave exactly these samples out; None: no index file")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="samples per SGD step")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per SGD step (main.py's default too)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the split and the batches")
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="dataset download folder")
     p.add_argument("--save-dir", default="checkpoints", help="folder of the checkpoint and its forget file")
@@ -59,14 +59,13 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-FLAGS = {"class_to_forget": "--cf", "unlearning_rate": "--unlr", "idxs_to_forget": "--itf"}
-
-
 def forget_spec(args, num_classes=None):
-    spec = ForgetSpec(class_to_forget=args.cf, unlearning_rate=args.unlr or None, idxs_to_forget=args.itf)
+    spec = ForgetSpec(class_to_forget=args.cf, unlearning_rate=args.unlr, idxs_to_forget=args.itf)
     problems = spec.problems(num_classes)
+    if args.unlr == 0:
+        problems = [("unlearning_rate", "0 leaves nothing out; to train a base model, leave --unlr out")]
     if problems:
-        raise UserError("\n".join(f"{FLAGS.get(key, key)}: {msg}" for key, msg in problems))
+        raise UserError("\n".join(f"{datasets.FORGET_FLAGS.get(key, key)}: {msg}" for key, msg in problems))
     return spec
 
 

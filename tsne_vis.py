@@ -24,12 +24,10 @@ import numpy as np
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from feature_extraction import FEATURES_ROOT, read_folders, relative_name
+from feature_extraction import FEATURES_ROOT, SAMPLES, SAMPLES_HELP, read_folders, relative_name
 from utils import UserError, atomic_write, check_writable, cli
 
-folders = [
-    "features/reduced/base",
-    "features/reduced/rl_split",
+folders = [  # e.g. "features/reduced/base", "features/reduced/rl_split"; empty: every folder under features/
 ]
 
 IMAGES_ROOT = "images"
@@ -41,15 +39,17 @@ GIF_FPS = 8
 def build_parser():
     p = argparse.ArgumentParser(description="2D, 3D and animated t-SNE plots of features files.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-S", "--samples", type=int, default=3000, help="first S samples of each file")
+    p.add_argument("-S", "--samples", type=int, default=SAMPLES, help=SAMPLES_HELP + " of each features file")
     p.add_argument("--folders", nargs="+", default=folders,
-                   help="features folders; the default is the `folders` list at the top of this script")
+                   help="features folders; default: the `folders` list at the top of this script, "
+                        "or every folder under features/ when it is empty")
     p.add_argument("--proto", action="store_true", help="embed and draw the class prototypes")
     p.add_argument("--no-gif", action="store_true", help="skip the rotating 3D GIF")
     p.add_argument("--seed", type=int, default=0, help="t-SNE seed (the same seed gives the same plots)")
     p.add_argument("--jobs", type=int, default=-1,
                    help="t-SNE threads; -1: all cores (on a busy machine 1 is faster)")
-    p.add_argument("--out", default=IMAGES_ROOT, help="root of the images tree")
+    p.add_argument("--out", default=IMAGES_ROOT,
+                   help="folder the script writes under, mirroring the features tree")
     return p
 
 

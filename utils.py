@@ -284,23 +284,78 @@ def save_checkpoint(path, state_dict, config):
 def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found" if not path.exists() else f"checkpoint {path} is not a file")
+    problem = not_a_checkpoint(path)
+    if problem:
+        raise UserError(f"{path} is not a checkpoint ({problem})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise UserError(f"checkpoint {path} refused: it holds objects other than tensors and "
                             f"plain values, and loading it could run code") from None
-        # torch's own text starts with advice to switch the safe loader off; keep only the reason
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:100]
-        raise UserError(f"checkpoint {path} is truncated or corrupted ({reason})") from None
+        raise UserError(f"checkpoint {path} is corrupted: torch cannot read its contents") from None
     except Exception as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupted "
-                        f"({str(e).splitlines()[0][:100] or type(e).__name__})") from None
+        size = path.stat().st_size
+        if "central directory" in str(e) or "file read failed" in str(e) or isinstance(e, EOFError):
+            raise UserError(f"checkpoint {path} is truncated at byte {size}: it was cut off while being "
+                            f"written or copied") from None
+        raise UserError(f"checkpoint {path} is corrupted ({size} bytes): torch cannot read it "
+                        f"({type(e).__name__})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
             and isinstance(ckpt.get("config"), dict)):
         raise UserError(f"{path} is not a SalUn DeepDive checkpoint (needs state_dict and config)")
     return ckpt
+
+
+def not_a_checkpoint(path):
+    """Why the file cannot be one of torch's checkpoints (a zip archive), or None."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK"):
+        return None
+    if not head:
+        return "it is empty"
+    try:
+        head.decode("utf-8")
+        return "it is a text file"
+    except UnicodeDecodeError:
+        return "it is not a zip archive, the format torch saves in"
+
+
+# ---------------------------------------------------------------- saliency masks on disk
+
+def pack_bits(keep):
+    """A bool tensor as uint8, eight entries per byte (most significant bit first)."""
+    flat = keep.detach().flatten().cpu().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    return (flat << torch.arange(7, -1, -1, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, shape):
+    n = math.prod(shape)
+    bits = (packed.unsqueeze(1) >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
+    return bits.flatten()[:n].bool().view(shape)
+
+
+def save_mask(path, keep, config):
+    """A saliency mask ({parameter: bool tensor}) at one bit per weight."""
+    shapes = {k: list(v.shape) for k, v in keep.items()}
+    save_checkpoint(path, {k: pack_bits(v) for k, v in keep.items()}, dict(config, packed_shapes=shapes))
+
+
+def load_mask(path):
+    """(keep, config) of a mask written by save_mask, or of an older one stored as bool tensors."""
+    ckpt = load_checkpoint(path)
+    state, config = ckpt["state_dict"], ckpt["config"]
+    shapes = config.get("packed_shapes")
+    if shapes is not None and shapes.keys() == state.keys() and all(t.dtype == torch.uint8 for t in state.values()):
+        keep = {k: unpack_bits(t, shapes[k]) for k, t in state.items()}
+    else:
+        keep = state
+    if not keep or any(t.dtype != torch.bool for t in keep.values()):
+        raise UserError(f"{path} is not a saliency mask (it holds model weights, not one bit per weight)")
+    return keep, config
 
 
 def check_writable(folder, what="output folder"):

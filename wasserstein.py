@@ -33,13 +33,11 @@ matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from feature_extraction import FEATURES_ROOT, read_folders, relative_name
+from feature_extraction import FEATURES_ROOT, SAMPLES, SAMPLES_HELP, read_folders, relative_name
 from plots import heatmap
 from utils import UserError, atomic_write, atomic_write_text, check_writable, cli
 
-folders = [
-    "features/reduced/base",
-    "features/reduced/rl_split",
+folders = [  # e.g. "features/reduced/base", "features/reduced/rl_split"; empty: every folder under features/
 ]
 
 IMAGES_ROOT = "images"
@@ -49,10 +47,12 @@ def build_parser():
     p = argparse.ArgumentParser(description="Class-by-class Wasserstein distance matrices of features "
                                             "files, and their deltas between folders.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-S", "--samples", type=int, default=1000, help="first S samples of each file")
+    p.add_argument("-S", "--samples", type=int, default=SAMPLES, help=SAMPLES_HELP + " of each features file")
     p.add_argument("--folders", nargs="+", default=folders,
-                   help="features folders; the default is the `folders` list at the top of this script")
-    p.add_argument("--out", default=IMAGES_ROOT, help="root of the images tree")
+                   help="features folders; default: the `folders` list at the top of this script, "
+                        "or every folder under features/ when it is empty")
+    p.add_argument("--out", default=IMAGES_ROOT,
+                   help="folder the script writes under, mirroring the features tree")
     return p
 
 

@@ -17,7 +17,7 @@ import wasserstein
 from conftest import run_script
 from methods import Run, saliency_mask
 from models import load_model
-from utils import cli, compute_for, make_generator, save_checkpoint
+from utils import cli, compute_for, make_generator, save_mask
 
 SAMPLES = 300
 
@@ -128,6 +128,16 @@ def test_tsne_vis_writes_plots(tmp_path):
             assert (tmp_path / "images" / folder / kind / f"{stem}.{ext}").stat().st_size > 1000
 
 
+def test_latent_space_scripts_read_every_features_folder_by_default(work, extracted):
+    """Right after feature_extraction.py, tsne_vis.py and wasserstein.py need only -S."""
+    for script in ("tsne_vis.py", "wasserstein.py"):
+        r = run_script(script, "-S", SAMPLES, cwd=work)
+        assert r.returncode == 0, r.stderr
+    for stem in ("test_resnet_digits_base", "test_resnet_digits_cf0"):
+        for kind, ext in (("tsne_2D", "png"), ("tsne_animated", "gif"), ("wasserstein", "json")):
+            assert (work / "images" / "ckpt" / kind / f"{stem}.{ext}").is_file()
+
+
 def test_embed_shape_and_seed():
     x = np.random.default_rng(0).normal(size=(40, 5))
     y2, y3 = tsne_vis.embed(x, (2, 3), seed=1)
@@ -227,7 +237,7 @@ def save_masks(work, run_dir, experiments):
         mask = saliency_mask(model, run, thr)
         experiment = {"class_to_forget": cls, "unlearning_rate": None, "idxs_to_forget": None,
                       "method": "rl_split", "use_mask": True, "mask_thr": thr}
-        save_checkpoint(run_dir / "masks" / f"{name}.pt", mask.keep,
+        save_mask(run_dir / "masks" / f"{name}.pt", mask.keep,
                         {"name": name, "experiment": experiment, "kept_fraction": mask.kept_fraction})
 
 

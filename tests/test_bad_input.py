@@ -103,7 +103,7 @@ def make_files(tmp, files, ckpts, subs):
 MAIN_FILE = ("-L", "{tmp}/exp.json", "-NL", "--out", "{tmp}/out")
 MAIN_FLAGS = ("-E", "1", "-M", "ft", "-NL", "--out", "{tmp}/out")
 TRAIN = ("--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "-NL", "--save-dir", "{tmp}/ckpt")
-BASE_TEST = ("--out", "{tmp}/bt.json", "--no-mia")
+BASE_TEST = ("--out", "{tmp}/bt", "--no-mia")
 IDX = "{tmp}/idx.json"
 
 BAD_INDEX_FILES = [  # (id, content, message): each through main.py
@@ -137,7 +137,7 @@ BAD_INPUT = [
          "experiment 0: method_args: expected dict, got [1]"),
     case("main-method-arg-flag-out-of-range", "main.py", ("-c", "{base}", "-CF", "0", "-M", "ssd", "-MA", "alpha=-1",
                                                           *MAIN_FLAGS[4:]), {},
-         "command line: experiment 0: method_args: alpha: ssd: -1 outside (0, inf)"),
+         "command line: -MA/--method-arg: alpha: ssd: -1 outside (0, inf)"),
     case("main-lr-string", "main.py", MAIN_FILE, {"exp.json": exp(lr="0.1")},
          'experiment 0: lr: expected float, got "0.1"'),
     case("main-no-forget-spec", "main.py", MAIN_FILE, {"exp.json": exp(class_to_forget=DROP)},
@@ -155,22 +155,22 @@ BAD_INPUT = [
     case("main-nexp-0", "main.py", ("-c", "{base}", "-CF", "0", "--nexp", "0", *MAIN_FLAGS), {},
          "--nexp must be at least 1, got 0"),
     case("main-flags-class-out-of-range", "main.py", ("-c", "{base}", "-CF", "10", *MAIN_FLAGS), {},
-         "command line: experiment 0: class_to_forget: class 10 out of range 0..9"),
+         "command line: -CF/--cf: class 10 out of range 0..9"),
     case("main-resume-not-a-run", "main.py", ("--resume", "{tmp}", "-NL"), {}, "is not a run folder (no config.json)"),
     case("main-evil-checkpoint", "main.py", ("-c", "{tmp}/evil.pt", "-CF", "0", *MAIN_FLAGS), {"evil.pt": evil},
-         "checkpoint: checkpoint {tmp}/evil.pt refused: it holds objects other than tensors"),
+         "command line: checkpoint {tmp}/evil.pt refused: it holds objects other than tensors"),
     case("main-evil-retrained", "main.py", MAIN_FILE, {"evil.pt": evil, "exp.json": exp(retrained="{tmp}/evil.pt")},
          "experiment 0: retrained: checkpoint {tmp}/evil.pt refused"),
     case("main-truncated-checkpoint", "main.py", ("-c", "{tmp}/half.pt", "-CF", "0", *MAIN_FLAGS),
-         {"half.pt": truncated}, "checkpoint: checkpoint {tmp}/half.pt is truncated or corrupted"),
+         {"half.pt": truncated}, "command line: checkpoint {tmp}/half.pt is truncated at byte "),
     case("main-lr-nan", "main.py", MAIN_FILE, {"exp.json": nan_lr},
          "experiment 0: lr: must be a finite number, got NaN"),
     case("main-flag-lr-inf", "main.py", ("-c", "{base}", "-CF", "0", "-LR", "inf", "-NL", "--out", "{tmp}/out"), {},
-         "command line: experiment 0: lr: must be a finite number, got Infinity"),
+         "command line: -LR/--lr: must be a finite number, got Infinity"),
     case("main-out-not-writable", "main.py", ("-c", "{base}", "-CF", "0", "-E", "1", "-NL", "--out", "/proc/salun"),
          {}, "--out /proc/salun is not writable"),
     case("main-old-format", "main.py", ("-c", "{tmp}/old.pt", "-CF", "0", *MAIN_FLAGS), {"old.pt": old_format},
-         "checkpoint: checkpoint {tmp}/old.pt has the old split format 1"),
+         "command line: checkpoint {tmp}/old.pt has the old split format 1"),
     case("main-idx-names-validation", "main.py", MAIN_FILE,
          {"idx.json": [5, 59], "exp.json": exp(class_to_forget=DROP, idxs_to_forget=IDX)},
          "experiment 0: idxs_to_forget: index file {tmp}/idx.json names 1 validation sample(s) of this model "
@@ -181,6 +181,18 @@ BAD_INPUT = [
     case("main-resume-older-folder", "main.py", ("--resume", "{tmp}/run", "-NL"),
          {"run/config.json": {"experiments": [], "names": [], "nexp": 1, "data_dir": "data"}},
          "{tmp}/run was written by an older version of main.py"),
+    # main.py, messages that say what to do
+    case("main-nothing-given", "main.py", ("-NL", "--out", "{tmp}/out"), {},
+         "nothing to unlearn: give an experiment list (-L FILE), or a checkpoint (-c) and what to forget"),
+    case("main-shared-missing-checkpoint", "main.py", MAIN_FILE,  # one line for the three experiments
+         {"exp.json": exp(checkpoint="{tmp}/resnet18_digits_cf3.pt") * 3},
+         "exp.json: experiments 0-2: checkpoint {tmp}/resnet18_digits_cf3.pt not found; train.py makes it: "
+         "python train.py --model resnet18 --dataset digits --cf 3 --save-dir {tmp}"),
+    case("main-text-file-checkpoint", "main.py", ("-c", "{tmp}/notes.pt", "-CF", "0", *MAIN_FLAGS),
+         {"notes.pt": b"hello\n"}, "command line: -c/--checkpoint: {tmp}/notes.pt is not a checkpoint (it is a text file)"),
+    case("main-flag-unlr-0", "main.py", ("-c", "{base}", "-UL", "0", *MAIN_FLAGS), {},
+         "command line: -UL/--unlr: 0.0 outside (0, 1)"),
+    case("main-resume-missing", "main.py", ("--resume", "{tmp}/nope", "-NL"), {}, "run folder {tmp}/nope not found"),
     # train.py (test_train.py covers --cf 10, --unlr 1.5, two specs, a missing --itf,
     # an unknown dataset, a misspelt model, --epochs 0, and --overwrite)
     case("train-itf-duplicates", "train.py", (*TRAIN, "--itf", IDX), {"idx.json": [3, 7, 3]},
@@ -197,13 +209,13 @@ BAD_INPUT = [
     case("base-test-evil", "base_test.py", ("-c", "{base}", "{tmp}/evil.pt", *BASE_TEST), {"evil.pt": evil},
          "checkpoint {tmp}/evil.pt refused"),
     case("base-test-garbled", "base_test.py", ("-c", "{tmp}/garbled.pt", *BASE_TEST), {"garbled.pt": garbled},
-         "checkpoint {tmp}/garbled.pt is truncated or corrupted"),
+         "{tmp}/garbled.pt is not a checkpoint (it is not a zip archive, the format torch saves in)"),
     case("base-test-class-out-of-range", "base_test.py", ("-c", "{base}", "--cf", "10", *BASE_TEST), {},
-         "class_to_forget: class 10 out of range 0..9"),
+         "--cf: class 10 out of range 0..9"),
     case("base-test-unlr", "base_test.py", ("-c", "{base}", "--unlr", "1.5", *BASE_TEST), {},
-         "unlearning_rate: 1.5 outside (0, 1)"),
-    case("base-test-out-not-writable", "base_test.py", ("-c", "{base}", "--out", "/proc/salun/bt.json"), {},
-         "--out folder /proc/salun is not writable"),
+         "--unlr: 1.5 outside (0, 1)"),
+    case("base-test-out-not-writable", "base_test.py", ("-c", "{base}", "--out", "/proc/salun/bt"), {},
+         "--out /proc/salun/bt is not writable"),
     case("base-test-old-format", "base_test.py", ("-c", "{tmp}/old.pt", *BASE_TEST), {"old.pt": old_format},
          "checkpoint {tmp}/old.pt has the old split format 1 (its validation set depends on its forget set); "
          "retrain it with train.py"),
@@ -213,7 +225,7 @@ BAD_INPUT = [
     case("features-empty-folder", "feature_extraction.py", ("-D", "{tmp}/ck", "-S", "10", "--out", "{tmp}/feat"),
          {"ck": DIR}, "no checkpoints (*.pt) in {tmp}/ck"),
     case("features-wrong-file", "feature_extraction.py", ("-D", "{tmp}/ck", "-S", "10", "--out", "{tmp}/feat"),
-         {"ck/notes.pt": b"not a checkpoint\n"}, "checkpoint {tmp}/ck/notes.pt is truncated or corrupted"),
+         {"ck/notes.pt": b"not a checkpoint\n"}, "{tmp}/ck/notes.pt is not a checkpoint (it is a text file)"),
     case("features-evil-file", "feature_extraction.py", ("-D", "{tmp}/ck", "-S", "10", "--out", "{tmp}/feat"),
          {"ck/evil.pt": evil}, "checkpoint {tmp}/ck/evil.pt refused"),
     case("wasserstein-empty-folder", "wasserstein.py", ("--folders", "{tmp}/ft", "--out", "{tmp}/img"),

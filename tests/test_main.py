@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import main
 import utils
 from utils import settings_problems
 from conftest import assert_is_top_saliency_mask, plain_forget_gradients, run_script
@@ -23,6 +24,9 @@ def write(tmp_path, experiments, name="exp.json"):
 
 def base_exp(ckpts, **kw):
     return {"checkpoint": str(ckpts["base"]), "class_to_forget": 0, "epochs": 1, **kw}
+
+
+FIRST = "00_rl_split_mask0.2_class-0_lr0.1"  # the lr differs between the two experiments
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,8 @@ def test_main_writes_every_result(finished_run, ckpts):
     assert f"precision: {config['precision']}" in r.stdout
     assert "avg_gap" in rows[0]["gap"] and "gap" not in rows[2]
     assert rows[0]["mask_fraction"] == pytest.approx(0.2, abs=1e-6)
-    for name in ("config.json", "summary.csv", "summary.md", "summary.png", "00_rl_split_mask0.2_class-0.pt",
-                 "01_ascent.pt", "masks/00_rl_split_mask0.2_class-0.pt"):
+    for name in ("config.json", "summary.csv", "summary.md", "summary.png", f"{FIRST}.pt",
+                 "01_ascent.pt", f"masks/{FIRST}.pt", "tradeoff.png", "curves.png"):
         assert (run_dir / name).is_file(), name
     summary = (run_dir / "summary.md").read_text()
     assert "gold standard" in summary and "base (before)" in summary and "01_ascent" in summary
@@ -62,7 +66,7 @@ def test_main_writes_every_result(finished_run, ckpts):
 
 def test_unlearned_checkpoint_has_experiment_and_moves_at_most_mask_thr(finished_run, ckpts):
     run_dir, _ = finished_run
-    ck = torch.load(run_dir / "00_rl_split_mask0.2_class-0.pt", weights_only=True)
+    ck = torch.load(run_dir / f"{FIRST}.pt", weights_only=True)
     base = torch.load(ckpts["base"], weights_only=True)["state_dict"]
     assert ck["config"]["experiment"]["method"] == "rl_split" and ck["config"]["forget"]["class_to_forget"] == 0
     params = {k for k in base if "running" not in k and "num_batches" not in k}
@@ -75,13 +79,13 @@ def test_saved_mask_is_the_saliency_mask_of_the_base_model(finished_run, ckpts, 
     """The mask main.py saved keeps the most salient 20% of the base model's weights, saliency
     computed here directly (main.py computes it once and shares it between runs)."""
     run_dir, _ = finished_run
-    saved = torch.load(run_dir / "masks" / "00_rl_split_mask0.2_class-0.pt", weights_only=True)
-    e = saved["config"]["experiment"]
+    keep, config = utils.load_mask(run_dir / "masks" / f"{FIRST}.pt")
+    e = config["experiment"]
     model, cfg = load_model(ckpts["base"], CPU)
     split = make_split(digits, ForgetSpec(class_to_forget=0), seed=e["seed"], val_idx=cfg["val_idx"])
     grads = plain_forget_gradients(model, digits, split.forget, e["batch_size"])
-    kept = assert_is_top_saliency_mask(saved["state_dict"], grads, 0.2)
-    assert saved["config"]["zero_fraction"] == pytest.approx(float((kept == 0).float().mean()), abs=1e-3)
+    kept = assert_is_top_saliency_mask(keep, grads, 0.2)
+    assert config["zero_fraction"] == pytest.approx(float((kept == 0).float().mean()), abs=1e-3)
 
 
 def summary_rows(run_dir):
@@ -103,7 +107,7 @@ def assert_base_row_has_the_gap_by_hand(rows):
 def test_do_nothing_row_carries_the_base_models_gap(finished_run):
     rows = summary_rows(finished_run[0])
     do_nothing = assert_base_row_has_the_gap_by_hand(rows)
-    masked = rows["00_rl_split_mask0.2_class-0"]
+    masked = rows[FIRST]
     assert masked["beats_do_nothing"] == ("yes" if float(masked["avg_gap"]) < do_nothing else "no")
     assert rows["01_ascent"]["beats_do_nothing"] == ""  # no gold standard named
 
@@ -125,9 +129,9 @@ def test_base_test_and_main_agree_on_the_gold_standard(finished_run, ckpts, tmp_
     run_dir, _ = finished_run
     with open(run_dir / "summary.csv", newline="") as f:
         gold = next(r for r in csv.DictReader(f) if r["experiment"] == "gold standard")
-    r = run_script("base_test.py", "-c", ckpts["gold"], "--cf", "0", "--out", tmp_path / "bt.json")
+    r = run_script("base_test.py", "-c", ckpts["gold"], "--cf", "0", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
-    (row,) = json.loads((tmp_path / "bt.json").read_text())
+    (row,) = json.loads(next(tmp_path.glob("base_test_*.json")).read_text())
     for k in ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC"):
         assert row[k] == pytest.approx(float(gold[k]), abs=0.01), k
 
@@ -164,7 +168,7 @@ def test_resume_redoes_only_missing_runs_and_drops_a_torn_line(finished_run, tmp
     ({"unlearning_rate": 0.1}, "exactly one"),
     ({"class_to_forget": None}, "exactly one"),
     ({"class_to_forget": 10}, "out of range"),
-    ({"checkpoint": "nope.pt"}, "checkpoint: checkpoint nope.pt not found"),
+    ({"checkpoint": "nope.pt"}, "experiment 1: checkpoint nope.pt not found"),
     ({"method": "magic"}, "unknown method 'magic'; known: rl"),
     ({"mask_thr": 0.0}, "mask_thr: 0.0 outside (0, 1]"),
     ({"mask_thr": 1.5}, "outside (0, 1]"),
@@ -190,7 +194,7 @@ def test_every_problem_is_reported_one_line_each(ckpts, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 6, r.stderr
     for line, part in zip(lines, ("unknown key 'bogus'", "epochs: expected int", "lr: must be a finite",
-                                  "checkpoint: checkpoint nope.pt not found", "mask_thr: 2.0 outside",
+                                  "experiment 0: checkpoint nope.pt not found", "mask_thr: 2.0 outside",
                                   "method: unknown method")):
         assert part in line
     assert all("experiment 0" in x for x in lines[:4]) and all("experiment 1" in x for x in lines[4:])
@@ -311,3 +315,36 @@ def test_flags_come_from_the_experiment_fields(capsys):
     for name, m in methods.METHODS.items():  # every method, with its settings and their defaults
         settings = ", ".join(f"{f.name}={f.default}" for f in fields(m.settings)) or "no settings"
         assert f"{name}: " in shown and f"[{settings}]" in shown, name
+
+
+# ---------------------------------------------------------------- names and tables
+
+def test_names_say_what_differs_between_experiments():
+    sweep = [main.Experiment(method="rl", lr=lr, epochs=e, batch_size=b, use_mask=True, class_to_forget=0)
+             for lr, e, b in ((0.03, 1, 64), (0.03, 2, 64), (0.05, 2, 128))]
+    sweep.append(main.Experiment(method="scrub", lr=1e6, class_to_forget=0, method_args={"msteps": 1}))
+    sweep.append(main.Experiment(method="scrub", lr=1e6, class_to_forget=0, method_args={"msteps": 3}, tag="my run"))
+    assert main.experiment_names(sweep) == [
+        "00_rl_mask0.5_class-0_lr0.03_E1_bs64", "01_rl_mask0.5_class-0_lr0.03_E2_bs64",
+        "02_rl_mask0.5_class-0_lr0.05_E2_bs128", "03_scrub_class-0_lr1e+06_E10_bs64_msteps1", "04_my-run"]
+    same = [main.Experiment(method="ga", class_to_forget=c) for c in (0, 3)]
+    assert main.experiment_names(same) == ["00_ga_class-0", "01_ga_class-3"]  # nothing else differs
+
+
+def table_row(name, runs, **metrics):
+    return {"experiment": name, "method": "rl", "mask": "-", "forget": "class 0", "runs": runs, **metrics}
+
+
+def test_terminal_table_fits_120_columns_and_single_runs_have_no_std():
+    long = "07_rl_split_mask0.5_class-0_lr0.03_E2_bs128_msteps1_temperature4_seed3"
+    table = [table_row(long, 3, UA=(99.5, 0.25), RA=(98.0, 1.5), TA=(97.0, 2.0), MIA=(100.0, 0.0),
+                       avg_gap=(12.25, 10.5), rte_s=(123.456, 12.345)),
+             table_row("08_ga_class-0", 3, UA=(5.0, 1.0), RA=(90.0, 1.0), TA=(89.0, 1.0), MIA=(50.0, 1.0),
+                       rte_s=(1.0, 0.1))]
+    lines = main.screen_table(table).splitlines()
+    assert max(map(len, lines)) <= 120 and len({len(x) for x in lines[:4]}) == 1
+    assert "| 07_rl_split_mask0…temperature4_seed3 |" in lines[2]  # cut in the middle
+    assert "99.50±0.25" in lines[2] and "123.5±12.3" in lines[2] and "n/a" in lines[3] and lines[4].startswith("mean ± std over 3 runs")
+    single = main.screen_table([table_row("00_rl_class-0", 1, UA=(99.5, 0.0), RA=(98.0, 0.0))])
+    assert "99.50 " in single and "±" not in single
+    assert main.cell((99.5, 0.0), "UA", runs=1) == "99.50" and main.cell((99.5, 0.25), "UA", runs=2) == "99.50 ± 0.25"

@@ -149,15 +149,16 @@ def test_diverging_run_is_recorded_and_the_list_goes_on(ckpts, tmp_path):
     assert len(diverged["history"]) == epoch - 1  # every recorded epoch had a finite loss
     assert diverged["metrics"] is None and "gap" not in diverged  # nothing a mean could take in
     assert after["diverged_at"] is None and after["history"]  # the next experiment ran to its end
-    assert not (run_dir / "00_ga_class-0.pt").exists()  # no checkpoint full of NaN
-    assert "00_ga_class-0: diverged" in r.stderr and (run_dir / "01_ft_class-0.pt").is_file()
+    ga, ft = "00_ga_class-0_lr1e+06_E3", "01_ft_class-0_lr0.01_E1"  # names say what differs
+    assert not (run_dir / f"{ga}.pt").exists()  # no checkpoint full of NaN
+    assert f"{ga}: diverged" in r.stderr and (run_dir / f"{ft}.pt").is_file()
     summary = summary_numbers(run_dir)
-    row = summary[("00_ga_class-0", "class 0")]
+    row = summary[(ga, "class 0")]
     assert row["diverged"] == f"1/1 diverged (epoch {epoch})"
     assert row["UA"] == row["RA"] == row["avg_gap"] == ""  # not the base model's numbers
-    assert summary[("01_ft_class-0", "class 0")]["diverged"] == ""
+    assert summary[(ft, "class 0")]["diverged"] == ""
     md = (run_dir / "summary.md").read_text()
-    ga_line = next(line for line in md.splitlines() if "00_ga_class-0" in line)
+    ga_line = next(line for line in md.splitlines() if ga in line)
     assert f"1/1 diverged (epoch {epoch})" in ga_line and "| n/a | n/a |" in ga_line
 
 

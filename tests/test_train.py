@@ -66,6 +66,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--cf", "10"), "out of range"),
     (("--unlr", "1.5"), "outside"),
+    (("--unlr", "0"), "--unlr: 0 leaves nothing out; to train a base model, leave --unlr out"),
     (("--cf", "1", "--unlr", "0.1"), "exactly one"),
     (("--itf", "missing.json"), "not found"),
     (("--dataset", "imagenet"), "known: cifar10"),

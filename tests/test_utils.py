@@ -57,13 +57,48 @@ def test_truncated_and_foreign_checkpoints_are_reported(tmp_path):
     save_checkpoint(path, model.state_dict(), {})
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(UserError, match="truncated or corrupted"):
+    with pytest.raises(UserError, match=f"^checkpoint {path} is truncated at byte {len(data) // 2}: it was cut off"):
         load_checkpoint(path)
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(UserError, match="not a SalUn DeepDive checkpoint"):
         load_checkpoint(path)
-    with pytest.raises(UserError, match="not found"):
+    path.write_text("epoch 3: loss 0.1\n")
+    with pytest.raises(UserError, match=r"is not a checkpoint \(it is a text file\)$"):
+        load_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"is not a checkpoint \(it is empty\)$"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="^checkpoint .*missing.pt not found$"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 5, 2), (64, 3, 3, 3)])
+def test_packed_mask_reads_back_bit_for_bit(tmp_path, shape):
+    torch.manual_seed(sum(shape))
+    keep = {"a.weight": torch.rand(shape) < 0.3, "b": torch.ones(shape, dtype=torch.bool),
+            "c": torch.zeros(shape, dtype=torch.bool)}
+    utils.save_mask(tmp_path / "m.pt", keep, {"name": "m"})
+    stored = load_checkpoint(tmp_path / "m.pt")["state_dict"]
+    assert all(t.dtype == torch.uint8 for t in stored.values())
+    assert stored["b"].numel() == -(-torch.Size(shape).numel() // 8)  # one bit per entry
+    back, config = utils.load_mask(tmp_path / "m.pt")
+    assert config["name"] == "m" and back.keys() == keep.keys()
+    assert all(back[k].dtype == torch.bool and torch.equal(back[k], keep[k]) for k in keep)
+
+
+def test_pack_bits_by_hand():
+    bits = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    assert utils.pack_bits(bits).tolist() == [0b10110001, 0b10000000]
+
+
+def test_masks_stored_as_bool_tensors_still_read_and_weights_are_refused(tmp_path):
+    keep = {"w": torch.tensor([[True, False], [False, True]])}
+    save_checkpoint(tmp_path / "old.pt", keep, {"name": "old"})
+    back, _ = utils.load_mask(tmp_path / "old.pt")
+    assert torch.equal(back["w"], keep["w"])
+    save_checkpoint(tmp_path / "w.pt", {"w": torch.zeros(2)}, {})
+    with pytest.raises(UserError, match="is not a saliency mask"):
+        utils.load_mask(tmp_path / "w.pt")
 
 
 def test_mean_std():
