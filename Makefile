@@ -40,9 +40,9 @@ DEMO := output/demo
 DEMO_FEATURES := features/checkpoints features/$(DEMO)
 
 demo: $(BASE) $(GOLD)
-	$(PY) base_test.py -c $(BASE) $(GOLD) --no-mia --out output/demo_models.json
 	rm -rf $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)
 	$(PY) main.py -L exp/demo.json --nexp 3 -NL --name demo
+	$(PY) base_test.py -c $(BASE) $(GOLD) --no-mia --out $(DEMO)
 	$(PY) feature_extraction.py -D $(CKPT) $(DEMO) -S 500
 	$(PY) tsne_vis.py -S 300 --folders $(DEMO_FEATURES)
 	$(PY) wasserstein.py -S 500 --folders $(DEMO_FEATURES)

@@ -58,7 +58,7 @@ def evaluate_checkpoint(path, spec, args, device, cache):
     ds = cache[cfg["dataset"]]
     problems = spec.problems(ds.num_classes)
     if problems:
-        raise UserError("\n".join(f"{path}: {key}: {msg}" for key, msg in problems))
+        raise UserError("\n".join(f"{path}: {datasets.FORGET_FLAGS.get(key, key)}: {msg}" for key, msg in problems))
     split = split_for(ds, cfg, spec, args.seed)
     outs = metrics.evaluate(model, ds, split, compute_for(device, "fp32"))
     return {"checkpoint": str(path), "dataset": cfg["dataset"], "model": cfg["model"],

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, reason
 
 DEFAULT_DATA_DIR = "./data"
 VAL_FRACTION = 0.1
@@ -116,9 +116,8 @@ def _download(name, folder, how, fetch):
     try:
         return fetch()
     except Exception as e:  # any network or integrity failure means: not available here
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetMissing(f"dataset {name} not found in {folder} and could not be downloaded "
-                             f"({reason[:120]}); {how}") from None
+                             f"({reason(e)}); {how}") from None
     finally:
         socket.setdefaulttimeout(old)
 

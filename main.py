@@ -627,7 +627,8 @@ def parse_args(argv=None):
     add_precision_flag(p)
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR,
                    help=f"where datasets are found (default: {datasets.DEFAULT_DATA_DIR})")
-    p.add_argument("--out", default="output", help="parent folder of the run folder (default: output)")
+    p.add_argument("--out", default="output",
+                   help="folder the script writes under: <out>/<time>_<file>/ (default: output)")
     p.add_argument("--name", help="run folder name (default: <time>_<experiment file>); never reused")
     p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")

@@ -10,7 +10,7 @@ import socket
 import torch
 import torch.nn.functional as F
 
-from utils import UserError, load_checkpoint
+from utils import UserError, load_checkpoint, reason
 
 def _hub_reachable(timeout=1.5):
     try:
@@ -41,9 +41,8 @@ def create_model(name, num_classes, in_chans, img_size, pretrained=False):
         try:
             model = _build(name, True, num_classes, in_chans, img_size)
         except Exception as e:
-            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
             raise UserError(f"pretrained weights for {name} are not available offline and not cached "
-                            f"({reason}); train without --pretrained") from None
+                            f"({reason(e)}); train without --pretrained") from None
     else:
         model = _build(name, False, num_classes, in_chans, img_size)
     stem = adapt_to_small_images(model, img_size)
@@ -55,7 +54,7 @@ def create_model(name, num_classes, in_chans, img_size, pretrained=False):
             model.eval()(torch.zeros(2, in_chans, img_size, img_size))
     except RuntimeError as e:
         raise UserError(f"model {name} cannot take {img_size}x{img_size} images "
-                        f"({str(e).splitlines()[0][:100]}); try a ResNet or ViT") from None
+                        f"({reason(e)}); try a ResNet or ViT") from None
     return model.train(), stem
 
 
@@ -188,5 +187,5 @@ def load_model(path, device, models=None):
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise UserError(f"checkpoint {path}: weights do not fit {ckpt['config']['model']} "
-                        f"({str(e).splitlines()[0][:120]})") from None
+                        f"({reason(e)})") from None
     return model, ckpt["config"]

@@ -76,6 +76,7 @@ def plot_summary(path, table):
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.margins(x=0.25)
+        ax.set_ylim(-0.6, n - 0.4)
         ax.grid(axis="x", alpha=0.3)
     several_specs = len({r["forget"] for r in table}) > 1
     labels = [f"{r['experiment']}, {r['forget']}" if several_specs and r["experiment"] in REFERENCES
@@ -120,27 +121,34 @@ def plot_tradeoff(path, table):
     save(fig, path)
 
 
+CURVES_PER_ROW = 10  # one colour each: more experiments wrap onto further rows of panels
+
+
 def plot_curves(path, table, results):
     """UA, RA and TA after every epoch of every experiment (mean over its finished runs),
-    from the history in results.jsonl; one row of panels per forget set, the gold
-    standard's values dotted black."""
+    from the history in results.jsonl; a row of panels per forget set and per ten
+    experiments, the gold standard's values dotted black."""
     experiments = [r for r in table if r["experiment"] not in REFERENCES]
     specs = list(dict.fromkeys(r["forget"] for r in experiments))
-    if not specs:
+    groups = []
+    for spec in specs:
+        mine = [r for r in experiments if r["forget"] == spec]
+        groups += [(spec, mine[i:i + CURVES_PER_ROW]) for i in range(0, len(mine), CURVES_PER_ROW)]
+    if not groups:
         return
-    cmap, dashes = plt.get_cmap("tab10"), ("-", "--", ":", "-.")
-    fig, axes = plt.subplots(len(specs), 3, squeeze=False, figsize=(MAX_WIDTH_IN, 0.6 + 3.6 * len(specs)),
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(len(groups), 3, squeeze=False, figsize=(MAX_WIDTH_IN, 0.6 + 3.4 * len(groups)),
                              dpi=DPI, layout="constrained")
-    for row_axes, spec in zip(axes, specs):
+    for row_axes, (spec, rows) in zip(axes, groups):
         gold = next((r for r in table if r["experiment"] == "gold standard" and r["forget"] == spec), None)
-        handles = []
-        for j, r in enumerate(e for e in experiments if e["forget"] == spec):
+        handles, longest = [], 1
+        for j, r in enumerate(rows):
             runs = [x["history"] for x in results if x.get("name") == r["experiment"] and x.get("history")]
             if not runs:
                 continue
             epochs = range(1, min(map(len, runs)) + 1)
-            style = {"color": cmap(j % 10), "linestyle": dashes[j // 10 % len(dashes)], "marker": "o",
-                     "markersize": 3, "linewidth": 1.2}
+            longest = max(longest, len(epochs))
+            style = {"color": cmap(j), "marker": "o", "markersize": 3, "linewidth": 1.2}
             for ax, k in zip(row_axes, ("UA", "RA", "TA")):
                 ax.plot(list(epochs), [np.mean([h[e - 1][k] for h in runs]) for e in epochs], **style)
             handles.append(Line2D([], [], label=r["experiment"], **style))
@@ -149,13 +157,13 @@ def plot_curves(path, table, results):
                 ax.axhline(gold[k][0], color="black", linestyle=":", linewidth=1.5)
             ax.set_title(f"forget {spec}: {title}", fontsize=9)
             ax.set_xlabel("epoch", fontsize=9)
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xlim(0.5, longest + 0.5)
+            ax.set_xticks(range(1, longest + 1, max(1, longest // 10)))
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=8)
         if gold:
             handles.append(Line2D([], [], color="black", linestyle=":", label="gold standard"))
-        row_axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7,
-                            frameon=False, ncol=1 if len(handles) <= 24 else 2)
+        row_axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
     save(fig, path)
 
 

@@ -26,6 +26,14 @@ class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
 
 
+def reason(e, limit=160):
+    """An exception's first line for a one-line message, shortened at a word, never mid-word."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if len(text) <= limit:
+        return text
+    return text[:text.rfind(" ", 0, limit)].rstrip(" ,;:") + " …"
+
+
 def cli(main):
     """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
     try:
@@ -450,7 +458,7 @@ class Logger:
                               settings=wandb.Settings(init_timeout=30, silent=True))
         except Exception as e:  # logging must never stop an experiment
             cls.mode = "disabled"
-            _say(f"wandb unavailable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
+            _say(f"wandb unavailable ({reason(e)}); "
                  f"results are still written to files")
             return None
 

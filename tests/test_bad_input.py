@@ -189,7 +189,8 @@ BAD_INPUT = [
          "exp.json: experiments 0-2: checkpoint {tmp}/resnet18_digits_cf3.pt not found; train.py makes it: "
          "python train.py --model resnet18 --dataset digits --cf 3 --save-dir {tmp}"),
     case("main-text-file-checkpoint", "main.py", ("-c", "{tmp}/notes.pt", "-CF", "0", *MAIN_FLAGS),
-         {"notes.pt": b"hello\n"}, "command line: -c/--checkpoint: {tmp}/notes.pt is not a checkpoint (it is a text file)"),
+         {"notes.pt": b"hello\n"},
+         "command line: -c/--checkpoint: {tmp}/notes.pt is not a checkpoint (it is a text file)"),
     case("main-flag-unlr-0", "main.py", ("-c", "{base}", "-UL", "0", *MAIN_FLAGS), {},
          "command line: -UL/--unlr: 0.0 outside (0, 1)"),
     case("main-resume-missing", "main.py", ("--resume", "{tmp}/nope", "-NL"), {}, "run folder {tmp}/nope not found"),

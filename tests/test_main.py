@@ -344,7 +344,32 @@ def test_terminal_table_fits_120_columns_and_single_runs_have_no_std():
     lines = main.screen_table(table).splitlines()
     assert max(map(len, lines)) <= 120 and len({len(x) for x in lines[:4]}) == 1
     assert "| 07_rl_split_mask0…temperature4_seed3 |" in lines[2]  # cut in the middle
-    assert "99.50±0.25" in lines[2] and "123.5±12.3" in lines[2] and "n/a" in lines[3] and lines[4].startswith("mean ± std over 3 runs")
+    assert "99.50±0.25" in lines[2] and "123.5±12.3" in lines[2] and "n/a" in lines[3]
+    assert lines[4].startswith("mean ± std over 3 runs")
     single = main.screen_table([table_row("00_rl_class-0", 1, UA=(99.5, 0.0), RA=(98.0, 0.0))])
     assert "99.50 " in single and "±" not in single
     assert main.cell((99.5, 0.0), "UA", runs=1) == "99.50" and main.cell((99.5, 0.25), "UA", runs=2) == "99.50 ± 0.25"
+
+
+def test_figures_of_thirty_experiments_stay_within_1600_px(tmp_path):
+    """Thirty experiments over two forget sets: every figure at most 1600 px wide, the
+    per-metric panel one row per experiment, curves wrapping after ten experiments."""
+    from PIL import Image
+    import plots
+    table, results = [], []
+    for spec in ("class 0", "random 0.1"):
+        table += [{"experiment": label, "method": "-", "mask": "-", "forget": spec, "runs": 1,
+                   "UA": (1.0, 0.0), "RA": (99.0, 0.0), "TA": (98.0, 0.0), "MIA": (90.0, 0.0)}
+                  for label in ("base (before)", "gold standard")]
+        for k in range(15):
+            name = f"{len(results):02d}_{['rl', 'ga', 'scrub'][k % 3]}_mask0.5_{spec.replace(' ', '-')}_lr0.0{k}"
+            table.append(table_row(name, 3, UA=(k * 6.0, 1.0), RA=(95.0, 1.0), TA=(94.0, 2.0), MIA=(50.0, 5.0),
+                                   avg_gap=(3.0, 1.0), rte_s=(2.0, 0.1)) | {"forget": spec, "mask": "0.5"})
+            results.append({"name": name, "history": [{"UA": 1.0 * e, "RA": 90.0 + e, "TA": 89.0 + e} for e in (1, 2)]})
+    plots.plot_summary(tmp_path / "summary.png", table)
+    plots.plot_tradeoff(tmp_path / "tradeoff.png", table)
+    plots.plot_curves(tmp_path / "curves.png", table, results)
+    sizes = {name: Image.open(tmp_path / f"{name}.png").size for name in ("summary", "tradeoff", "curves")}
+    assert all(w <= 1600 for w, _ in sizes.values()), sizes
+    assert sizes["summary"][1] >= 34 * 25  # room for every one of the 34 rows' labels
+    assert sizes["curves"][1] > 4 * 300  # two rows of panels per forget set

@@ -172,3 +172,10 @@ def test_settings_are_checked_from_their_fields():
     f = {f.name: f for f in __import__("dataclasses").fields(S)}
     assert utils.describe_setting(f["rate"]) == "float in (0, 1), default 0.5: a rate"
     assert utils.describe_setting(f["name"]) == "str: optional text"
+
+
+def test_reason_keeps_a_message_whole_or_cuts_it_at_a_word():
+    assert utils.reason(ValueError("short\nsecond line")) == "short"
+    assert utils.reason(KeyError()) == "KeyError"
+    long = utils.reason(RuntimeError("failed finding central directory. This is an internal error " * 5), limit=60)
+    assert long == "failed finding central directory. This is an internal error …"
