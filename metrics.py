@@ -1,6 +1,6 @@
 """Metrics of a model before and after unlearning (all in percent).
 
-    outs = evaluate(model, ds, split, compute)   # per-sample loss, prediction, confidence
+    outs = evaluate(model, ds, split, compute)   # per-sample loss, prediction, confidence, phi
     m = report(outs)                              # UA, RA, TA, VA, MIA-efficacy, loss-MIA
 
 `evaluate` is the only evaluation loop in the toolkit: one pass over the training set
@@ -34,10 +34,21 @@ def predict(model, ds, idx, compute, test=False, batch_size=1024):
             prob.gather(1, y[:, None]).squeeze(1),
             (top5 == y[:, None]).any(1).float(),
             y.float(),
+            logit_confidence(logits, y).float(),
         ]))
-    stacked = torch.cat(parts, dim=1).cpu() if parts else torch.zeros(5, 0)
-    loss, pred, conf, top5, y = stacked
-    return {"loss": loss, "pred": pred.long(), "conf": conf, "top5": top5.bool(), "y": y.long()}
+    stacked = torch.cat(parts, dim=1).cpu() if parts else torch.zeros(6, 0)
+    loss, pred, conf, top5, y, phi = stacked
+    return {"loss": loss, "pred": pred.long(), "conf": conf, "top5": top5.bool(), "y": y.long(), "phi": phi}
+
+
+def logit_confidence(logits, y):
+    """phi = log p_y - log(1 - p_y), the logit-scaled confidence of the per-example attacks
+    (LiRA, U-LiRA, the NeurIPS 2023 challenge), from the logits: z_y minus the logsumexp of
+    the other classes' logits, in float64. Through probabilities it would be inf as soon as
+    p_y rounds to 1, which a confident model reaches on most of its training samples."""
+    z = logits.double()
+    others = z.scatter(1, y[:, None], float("-inf"))
+    return z.gather(1, y[:, None]).squeeze(1) - others.logsumexp(1)
 
 
 def take(out, idx):
