@@ -9,7 +9,7 @@ import pytest
 from conftest import run_script
 
 SCRIPTS = ("train.py", "base_test.py", "feature_extraction.py", "tsne_vis.py", "wasserstein.py",
-           "mask_vis.py", "bench.py")
+           "mask_vis.py", "bench.py", "audit.py")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import train as train_script
 import models
 import utils
 from conftest import run_script
+from scripted import run
 from datasets import ForgetSpec
 
 TINY = ("--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "-NL")
@@ -111,3 +112,44 @@ def test_base_and_gold_standards_share_one_validation_set(ckpts, more_golds, dig
         assert main.Checker("data").problems(e) == []  # main.py accepts it as the gold standard
         split = datasets.make_split(digits, e.spec, seed=e.seed, val_idx=base["val_idx"])  # as main.prepare
         assert split.forget.tolist() == gold["forget_idx"]
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights_bit_for_bit(tmp_path):
+    """Stopped after epoch 1 of 3 (--stop-after), then --resume: the same final weights,
+    buffers and metrics as one uninterrupted run; the resume file is gone at the end."""
+    recipe = ("--dataset", "digits", "--model", "test_resnet", "--epochs", "3", "--batch-size", "64",
+              "--lr", "0.2", "-NL", "--cf", "3")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    r = run("train.py", *recipe, "--save-dir", whole, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/3 loss" in r.stdout + r.stderr and "epoch 3/3 loss" in r.stdout + r.stderr  # the curve in a log
+    r = run("train.py", *recipe, "--save-dir", parts, "--stop-after", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    state = parts / "test_resnet_digits_cf3.resume"
+    assert "--resume" in r.stdout and state.is_file() and not (parts / "test_resnet_digits_cf3.pt").exists()
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    r = run("train.py", *recipe, "--save-dir", parts, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not state.exists()
+    a = torch.load(whole / "test_resnet_digits_cf3.pt", weights_only=True)
+    b = torch.load(parts / "test_resnet_digits_cf3.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert a["config"]["metrics"] == b["config"]["metrics"]
+
+
+def test_resume_refuses_a_missing_state_and_another_command(tmp_path, capsys):
+    """In this process, through the cli() wrapper the script uses."""
+    def train_here(*args):
+        with pytest.raises(SystemExit) as e:
+            utils.cli(lambda: train_script.main([*TINY, "--epochs", "2", "--save-dir", str(tmp_path), *args]))
+        return e.value.code, capsys.readouterr().err
+
+    code, err = train_here("--resume")
+    assert code == 2 and "nothing to resume" in err and len(err.strip().splitlines()) == 1
+    train_script.main([*TINY, "--epochs", "2", "--save-dir", str(tmp_path), "--stop-after", "1"])
+    assert (tmp_path / "test_resnet_digits_base.resume").is_file()
+    capsys.readouterr()
+    code, err = train_here("--lr", "0.05", "--resume")
+    assert code == 2 and "other settings (lr differ)" in err and len(err.strip().splitlines()) == 1, err

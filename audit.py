@@ -1,0 +1,568 @@
+"""Per-example privacy audit of unlearning: the NeurIPS 2023 challenge score and U-LiRA.
+
+    python audit.py -L exp/audit_demo.json --models 32 -NL
+    python audit.py -c checkpoints/resnet18_digits_base.pt -CF 3 -M rl -E 2 -LR 0.01 --models 16 -NL
+    python audit.py --resume output/20261201-031500_audit_demo -NL
+
+Population attacks (MIA-efficacy, loss-MIA) fit one classifier for all samples; these two
+look at each forget sample across many models, as Hayes et al. (2024, "Inexact unlearning
+needs more careful evaluations to avoid a false sense of privacy") do:
+
+- reference models, trained with train.py's `fit` and the checkpoint's recipe: N gold
+  standards on retain, N originals on retain + F, K shadows on retain + a random half of F
+  (each forget sample in exactly K/2 of them). Each is a checkpoint under --models-dir named
+  by a hash of what it was trained on (recipe, precision, validation set, training indices,
+  seed), so another audit that needs the same model loads it instead of training it;
+- the audited method applied to every original (unlearning F) and every shadow (unlearning
+  its half), with main.py's `unlearn`; a method that trains a new model (`retrain`) is
+  trained with `fit`, train.py's recipe at the experiment's lr, epochs and batch size;
+- the signal phi = log p_y - log(1 - p_y) of every forget sample in every model;
+- the challenge score (Triantafillou et al., 2024, "Are we making progress in unlearning?
+  Findings from the first NeurIPS unlearning competition"): per forget sample, the largest
+  epsilon of a threshold rule on phi telling the N unlearned models from the N gold
+  standards, 2^-b points for epsilon in bucket b of width 0.5; F = the mean; final score =
+  F x RA ratio x TA ratio (unlearned over gold standards);
+- U-LiRA: per forget sample, Gaussians of phi over the shadows where it was in-and-unlearned
+  and where it was out; the likelihood ratio scores the N unlearned originals (members that
+  were unlearned) against the N gold standards; AUC (50: indistinguishable) and TPR at 1%
+  and 0.1% FPR.
+
+Every audit also scores the originals before unlearning ("no unlearning"): the baseline a
+method must beat. Results go to output/<time>_<file>/: config.json, results.jsonl (one
+line per experiment, written as it ends; --resume skips those), audit.json, audit.md,
+samples.csv (per forget sample and experiment), epsilon.png and roc.png.
+"""
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import datasets
+import main
+import metrics
+from datasets import ForgetSpec
+from methods import METHODS
+from models import load_model_checkpoint, model_from_config
+from train import Recipe, fit
+from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write_text, check_writable, cli,
+                   compute_for, default_precision, get_device, save_checkpoint, timestamp, unique_dir)
+
+DELTA = 1e-5
+BUCKET = 0.5
+# Seeds of the reference models (initialisation and batch order), apart from every
+# unlearning run's (experiment seed + j), so no two models of an audit share one.
+GOLD_SEED, ORIGINAL_SEED, SHADOW_SEED, FRESH_SEED, FRESH_SHADOW_SEED = 10_000, 20_000, 30_000, 40_000, 50_000
+MAX_MODELS = 1000
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Per-example privacy audit of unlearning methods: the NeurIPS "
+                                            "2023 unlearning-challenge score and U-LiRA.",
+                                epilog=main.methods_help(), formatter_class=Formatter)
+    p.add_argument("-L", "--load", default=None, help="JSON list of experiments to audit (main.py's format); "
+                                                      "None: one experiment from the flags")
+    p.add_argument("--models", type=int, default=32,
+                   help="N: gold-standard and original models each, and unlearned models per method")
+    p.add_argument("--shadows", type=int, default=16,
+                   help="K: shadow models for U-LiRA, each trained on retain and a random half of the forget set")
+    p.add_argument("--per-sample-variance", action="store_true",
+                   help="fit U-LiRA's variances per sample instead of one per side shared by all samples")
+    p.add_argument("--models-dir", default="checkpoints/audit",
+                   help="where reference models are kept and looked up, named by what they were trained on")
+    main.add_experiment_flags(p)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
+    add_precision_flag(p)
+    p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="where datasets are found")
+    p.add_argument("--out", default="output", help="parent folder of the run folder")
+    p.add_argument("--name", default=None, help="run folder name; None: <time>_<experiment file>")
+    p.add_argument("--resume", default=None, help="an interrupted audit folder: audit the experiments "
+                                                  "missing from its results")
+    p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
+    return p
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in -h, and the methods epilog kept as written. The experiment flags are None
+    unless given (the file's value stands) and say their own default."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.changed = [a.option_strings[0] for a in p._actions
+                    if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
+    return args
+
+
+# ---------------------------------------------------------------- the two scores (pure functions)
+
+def epsilon(unlearned, retrained, delta=DELTA):
+    """The largest epsilon over threshold rules on phi that tell `unlearned` from `retrained`
+    values (1-D arrays), in the challenge's definition: per rule,
+    max(log(1 - delta - FPR) - log FNR, log(1 - delta - FNR) - log FPR); a rule with FPR = 0
+    or FNR = 0 is left out (N models cannot estimate it), one with both 0 (a perfect
+    separation) gives infinity. 0 when no rule counts."""
+    pos, neg = np.asarray(unlearned, float), np.asarray(retrained, float)
+    t = np.unique(np.r_[pos, neg])[:, None]
+    fpr = (neg[None] >= t).mean(1)  # rule "unlearned when phi >= t"
+    fnr = (pos[None] < t).mean(1)
+    fpr, fnr = np.r_[fpr, 1 - fpr], np.r_[fnr, 1 - fnr]  # and its reverse, "unlearned when phi < t"
+    if np.any((fpr == 0) & (fnr == 0)):
+        return math.inf
+    ok = (fpr > 0) & (fnr > 0)
+    if not ok.any():
+        return 0.0
+    fpr, fnr = fpr[ok], fnr[ok]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        eps = np.fmax(np.log(1 - delta - fpr) - np.log(fnr), np.log(1 - delta - fnr) - np.log(fpr))
+    return float(max(np.nanmax(eps), 0.0)) if not np.all(np.isnan(eps)) else 0.0
+
+
+def n_buckets(n_models, delta=DELTA):
+    """Buckets that N models per side resolve: every finite epsilon (at most
+    log(N - 1 - N delta), from FPR = 1/N) has its own bucket of width 0.5, and a perfect
+    separation (epsilon = inf) the next one. 8 buckets for N = 32, 10 for 64, 14 for 512."""
+    return int(max(math.log(n_models - 1 - n_models * delta), 0.0) // BUCKET) + 2
+
+
+def bucket_points(eps, n_models):
+    """2^-b for an epsilon in bucket b = floor(epsilon / 0.5), capped at the last bucket:
+    1 point for epsilon < 0.5, 1/2 below 1, ..., 2^-(B-1) for a perfect separation."""
+    last = n_buckets(n_models) - 1
+    b = last if math.isinf(eps) else min(int(max(eps, 0.0) // BUCKET), last)
+    return 2.0 ** -b
+
+
+def challenge(phi_unlearned, phi_retrained):
+    """(per-sample epsilons, per-sample points, F) from (N, |F|) arrays of phi."""
+    n = phi_unlearned.shape[0]
+    eps = np.array([epsilon(phi_unlearned[:, i], phi_retrained[:, i]) for i in range(phi_unlearned.shape[1])])
+    points = np.array([bucket_points(e, n) for e in eps])
+    return eps, points, float(points.mean())
+
+
+def chance_f(n_models, n_samples=2000, seed=0):
+    """F when unlearned and retrained models are identically distributed: the ceiling that
+    retraining itself reaches with N models per side. Not 1: the best of ~4N threshold rules,
+    chosen on the very models they are scored on, finds some epsilon by chance (0.36 at
+    N = 4, 0.22 at N = 32). Rules on ranks make it the same for every continuous
+    distribution of phi, so standard normal draws give it."""
+    gen = np.random.default_rng(seed)
+    return challenge(gen.standard_normal((n_models, n_samples)), gen.standard_normal((n_models, n_samples)))[2]
+
+
+def gaussians(phi, is_in, per_sample):
+    """Per-sample means and standard deviations of phi over the shadows where each sample
+    was in (is_in) and out, from (K, |F|) arrays. Shared: one standard deviation per side
+    over all samples (the residuals pooled), steadier with few shadows; a per-sample one
+    where a side has fewer than 2 shadows falls back to it."""
+    out = {}
+    for side, mask in (("in", is_in), ("out", ~is_in)):
+        count = mask.sum(0)
+        mean = np.where(mask, phi, 0).sum(0) / np.maximum(count, 1)
+        resid = np.where(mask, phi - mean, 0.0)
+        shared = math.sqrt((resid ** 2).sum() / max(mask.sum() - mask.shape[1], 1))
+        std = np.full(phi.shape[1], shared)
+        if per_sample:
+            own = np.sqrt((resid ** 2).sum(0) / np.maximum(count - 1, 1))
+            std = np.where(count >= 2, own, shared)
+        out[side] = (mean, np.maximum(std, 1e-6))
+    return out
+
+
+def log_likelihood_ratio(phi, fitted):
+    """log N(phi; in) - log N(phi; out) per target model and sample, from (M, |F|) phi."""
+    def logpdf(x, mean, std):
+        return -0.5 * ((x - mean) / std) ** 2 - np.log(std)
+    return logpdf(phi, *fitted["in"]) - logpdf(phi, *fitted["out"])
+
+
+def ulira(shadow_phi, shadow_in, phi_unlearned, phi_retrained, per_sample=False):
+    """U-LiRA's scores of the unlearned (positives) and retrained (negatives) targets, and
+    the attack's AUC and TPR at 1% and 0.1% FPR, in percent."""
+    fitted = gaussians(shadow_phi, shadow_in, per_sample)
+    pos, neg = log_likelihood_ratio(phi_unlearned, fitted), log_likelihood_ratio(phi_retrained, fitted)
+    fpr, tpr = roc(pos.ravel(), neg.ravel())
+    return pos, neg, {"AUC": 100 * metrics.auc(pos.ravel(), neg.ravel()),
+                      "TPR@1%FPR": 100 * tpr_at(fpr, tpr, 0.01), "TPR@0.1%FPR": 100 * tpr_at(fpr, tpr, 0.001),
+                      "roc": (fpr, tpr)}
+
+
+def roc(pos, neg):
+    from sklearn.metrics import roc_curve
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
+    return fpr, tpr
+
+
+def tpr_at(fpr, tpr, at):
+    """The highest TPR of a threshold whose FPR is at most `at`."""
+    return float(tpr[fpr <= at].max())
+
+
+def shadow_halves(n_forget, n_shadows, seed):
+    """(K, |F|) bool: each forget sample in exactly K/2 shadows (rounded down), drawn from
+    `seed`, so every sample has as many in- as out-models (Carlini et al.'s LiRA design)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.rand(n_shadows, n_forget, generator=gen).argsort(0)
+    return (order < n_shadows // 2).numpy()
+
+
+# ---------------------------------------------------------------- reference models
+
+def recipe_of(cfg):
+    return Recipe(cfg["model"], cfg["lr"], cfg["epochs"], cfg["batch_size"], cfg.get("pretrained", False))
+
+
+def model_key(recipe, compute, val_idx, train_idx, seed):
+    """What a model was trained on and how, as a hash: its file name under --models-dir."""
+    what = {**asdict(recipe), "precision": compute.precision, "seed": seed,
+            "val": hashlib.sha256(np.asarray(val_idx, np.int64).tobytes()).hexdigest(),
+            "train": hashlib.sha256(train_idx.cpu().numpy().astype(np.int64).tobytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16], what
+
+
+class Pool:
+    """Trained models, looked up by what they were trained on, trained and saved when missing."""
+
+    def __init__(self, folder, ds, compute, base_config):
+        self.folder, self.ds, self.compute, self.base = Path(folder), ds, compute, base_config
+        self.trained, self.seconds = 0, []
+
+    def get(self, recipe, train_idx, val_idx, seed, label):
+        key, what = model_key(recipe, self.compute, self.base["val_idx"], train_idx, seed)
+        path = self.folder / f"{recipe.model}_{self.base['dataset']}_{key}.pt"
+        if path.is_file():
+            ckpt = load_model_checkpoint(path)
+            if ckpt["config"].get("trained_on") == what:
+                model = model_from_config(ckpt["config"], self.ds.device)
+                model.load_state_dict(ckpt["state_dict"])
+                return model
+        start = time.perf_counter()
+        model, stem, result = fit(self.ds, train_idx, val_idx, recipe, seed, self.compute, name=label, verbose=False)
+        self.seconds.append(time.perf_counter() - start)
+        self.trained += 1
+        left_out = ~datasets.as_flags(self.base["val_idx"], self.base["n_train"])
+        left_out[train_idx.cpu()] = False
+        config = dict(self.base, **asdict(recipe), seed=seed, stem=stem, method="audit reference", trained_on=what,
+                      metrics={k: v for k, v in result.items() if k != "history"}, audit_label=label,
+                      forget=ForgetSpec().to_config(), forget_idx=torch.nonzero(left_out).flatten().tolist(),
+                      **self.compute.describe())
+        save_checkpoint(path, model.state_dict(), config)
+        return model
+
+
+def shadow_split(ds, split, is_in):
+    """The split a shadow model is unlearned on: its in-half is the forget set, and its
+    out-half is held out beside the validation set, so no method (rl and ga pass over
+    `train`) ever sees a sample the shadow never trained on."""
+    forget = split.forget.cpu()
+    held_out = torch.cat([torch.nonzero(split.in_val.cpu()).flatten(), forget[~torch.as_tensor(is_in)]])
+    return datasets.make_split(ds, ForgetSpec(), val_idx=held_out.sort().values, forget_idx=forget[is_in])
+
+
+# ---------------------------------------------------------------- one audit
+
+class Audit:
+    """The reference models of one checkpoint and forget set, their signals, and the audits on them."""
+
+    def __init__(self, e, cfg, ds, compute, n, k, models_dir, per_sample, bar):
+        self.cfg, self.ds, self.compute, self.per_sample, self.bar = cfg, ds, compute, per_sample, bar
+        self.split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
+        self.forget = self.split.forget
+        self.pool = Pool(models_dir, ds, compute, cfg)
+        recipe, val = recipe_of(cfg), self.split.val
+        self.halves = shadow_halves(len(self.forget), k, SHADOW_SEED + e.seed)
+        self.golds = [self.pool.get(recipe, self.split.retain, val, GOLD_SEED + j, f"gold {j}")
+                      for j in self.counted(range(n), "reference models: gold standards")]
+        self.originals = [self.pool.get(recipe, self.split.train, val, ORIGINAL_SEED + j, f"original {j}")
+                          for j in self.counted(range(n), "reference models: originals")]
+        self.shadows = [self.pool.get(recipe, torch.cat([self.split.retain, self.forget[half]]).sort().values, val,
+                                      SHADOW_SEED + i, f"shadow {i}")
+                        for i, half in enumerate(self.counted(self.halves, "reference models: shadows"))]
+        self.gold_signals = [(self.phi(m), self.evaluate(m)) for m in self.golds]
+
+    def counted(self, items, what):
+        """Iterate over items, one step of the progress bar each."""
+        self.bar.set_description(what)
+        for item in items:
+            yield item
+            self.bar.update()
+
+    def phi(self, model):
+        return metrics.predict(model, self.ds, self.forget, self.compute)["phi"].numpy()
+
+    def evaluate(self, model):
+        """RA, TA, UA and MIA-efficacy on the audit's split."""
+        return metrics.report(metrics.evaluate(model, self.ds, self.split, self.compute))
+
+    def unlearned(self, e, base, split, run_seed, fresh_seed, with_metrics):
+        """`base` unlearned by experiment e on `split`: (phi on the audit's forget set, its
+        metrics on the audit's split when asked), or None when the run diverged."""
+        if METHODS[e.method].fresh_model:
+            recipe = Recipe(self.cfg["model"], e.lr, e.epochs, e.batch_size, self.cfg.get("pretrained", False))
+            model = fit(self.ds, split.retain, self.split.val, recipe, fresh_seed, self.compute, verbose=False)[0]
+            return self.phi(model), self.evaluate(model) if with_metrics else None
+        ctx = main.Context(self.ds, split, self.cfg, base, None, None, self.compute,
+                           lambda model, run: main.timed_gradients(model, run))
+        model, _, result = main.unlearn(e, ctx, run_seed, Logger(False, "", "", {}))
+        if result["diverged_at"] is not None:
+            return None
+        return self.phi(model), result["metrics"]  # main.unlearn's metrics are on `split`: the audit's for targets
+
+    def run(self, e, name):
+        """Audit experiment e: its unlearned models, then both scores."""
+        start = time.perf_counter()
+        targets = [self.unlearned(e, base, self.split, e.seed + j, FRESH_SEED + e.seed + j, True)
+                   for j, base in self.counted(list(enumerate(self.originals)), f"{name}: unlearning originals")]
+        shadows = [self.unlearned(e, base, shadow_split(self.ds, self.split, half), e.seed + MAX_MODELS + i,
+                                  FRESH_SHADOW_SEED + e.seed + i, False)
+                   for i, (base, half) in self.counted(list(enumerate(zip(self.shadows, self.halves))),
+                                                       f"{name}: unlearning shadows")]
+        if any(t is None for t in targets + shadows):
+            return {"diverged": True, "seconds": time.perf_counter() - start}
+        return dict(self.score([t[0] for t in targets], [s[0] for s in shadows], [t[1] for t in targets]),
+                    seconds=time.perf_counter() - start)
+
+    def baseline(self):
+        """The originals and shadows as trained: what no unlearning scores."""
+        start = time.perf_counter()
+        targets = [(self.phi(m), self.evaluate(m)) for m in self.originals]
+        shadows = [self.phi(m) for m in self.shadows]
+        return dict(self.score([t[0] for t in targets], shadows, [t[1] for t in targets]),
+                    seconds=time.perf_counter() - start)
+
+    def score(self, phi_targets, phi_shadows, target_metrics):
+        phi_u, phi_r = np.stack(phi_targets), np.stack([g[0] for g in self.gold_signals])
+        eps, points, f = challenge(phi_u, phi_r)
+        pos, neg, lira = ulira(np.stack(phi_shadows), self.halves, phi_u, phi_r, self.per_sample)
+        keys = ("UA", "RA", "TA", "MIA")
+        mean = {k: float(np.mean([m[k] for m in target_metrics])) for k in keys}
+        gold = {k: float(np.mean([g[1][k] for g in self.gold_signals])) for k in keys}
+        fpr, tpr = lira.pop("roc")
+        return {"F": f, "score": f * mean["RA"] / gold["RA"] * mean["TA"] / gold["TA"], **lira,
+                **mean, **{f"{k}_retrained": v for k, v in gold.items()},
+                "samples": {"index": self.forget.tolist(), "epsilon": eps.tolist(), "points": points.tolist(),
+                            "phi_unlearned": phi_u.mean(0).tolist(), "phi_retrained": phi_r.mean(0).tolist(),
+                            "lira_unlearned": pos.mean(0).tolist(), "lira_retrained": neg.mean(0).tolist()},
+                "roc": thin_roc(fpr, tpr)}
+
+
+def thin_roc(fpr, tpr, n=400):
+    """The ROC at about n points spaced evenly on a log FPR axis (the plot's), plus its ends."""
+    keep = np.unique(np.r_[0, np.searchsorted(fpr, np.geomspace(1e-5, 1, n)).clip(0, len(fpr) - 1), len(fpr) - 1])
+    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
+
+
+# ---------------------------------------------------------------- planning, outputs, main
+
+def pool_key(e):
+    return (e.checkpoint, repr(e.spec), e.seed)
+
+
+def check_counts(n, k):
+    if not 2 <= n <= MAX_MODELS:
+        raise UserError(f"--models must be between 2 and {MAX_MODELS} (an epsilon needs models on both sides; "
+                        f"the challenge used 512), got {n}")
+    if not 2 <= k <= MAX_MODELS:
+        raise UserError(f"--shadows must be between 2 and {MAX_MODELS} (U-LiRA needs shadows with and without "
+                        f"each sample), got {k}")
+
+
+def plan(args):
+    """(experiments, config, run folder): everything checked before any training."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"audit folder {run_dir} not found" if not run_dir.is_dir()
+                            else f"{run_dir} is not an audit folder (no config.json)")
+        fixed = [f for f in args.changed if f not in ("--resume", "--device", "-NL")]
+        if fixed:
+            raise UserError(f"--resume continues {run_dir} as it was configured; {', '.join(fixed)} would change "
+                            f"it (only --device and -NL may be given)")
+        config = json.loads((run_dir / "config.json").read_text())
+        check_writable(run_dir, "audit folder")
+        experiments = main.resolve(config["experiments"], run_dir / "config.json", config["data_dir"])
+        return experiments, config, run_dir
+    check_counts(args.models, args.shadows)
+    given = main.overrides(args)
+    if args.load:
+        entries = main.load_list(args.load)
+        if isinstance(entries, list):
+            entries = [main.with_overrides(x, given) if isinstance(x, dict) else x for x in entries]
+        where = args.load
+    else:
+        entries, where = [given], "command line"
+    experiments = main.resolve(entries, where, args.data_dir)
+    problems = [p for i, e in enumerate(experiments) if e.spec.is_empty
+                for p in [f"{where}: experiment {i}: forget spec: an audit needs a forget set"]]
+    if problems:
+        raise UserError("\n".join(problems))
+    check_writable(args.out, "--out")
+    check_writable(args.models_dir, "--models-dir")
+    label = Path(args.load).stem if args.load else "audit"
+    run_dir = unique_dir(args.out, args.name or f"{timestamp()}_{label}")
+    config = {"experiments": [asdict(e) for e in experiments], "names": main.experiment_names(experiments),
+              "models": args.models, "shadows": args.shadows, "per_sample_variance": args.per_sample_variance,
+              "models_dir": args.models_dir, "data_dir": args.data_dir,
+              "precision": args.precision or default_precision(), "run_id": uuid.uuid4().hex, "command": sys.argv}
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
+    return experiments, config, run_dir
+
+
+def read_rows(path, run_id):
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("run_id") == run_id]
+
+
+COLUMNS = (("experiment", "experiment"), ("F", "F"), ("score", "final score"), ("AUC", "U-LiRA AUC"),
+           ("TPR@1%FPR", "TPR@1%FPR"), ("TPR@0.1%FPR", "TPR@0.1%FPR"), ("UA", "UA"), ("RA", "RA"),
+           ("TA", "TA"), ("MIA", "MIA-efficacy"), ("seconds", "seconds"))
+
+
+def table(rows):
+    md = ["| " + " | ".join(label for _, label in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [r["experiment"]] + [("diverged" if r.get("diverged") else
+                                      f"{r[k]:.3f}" if k in ("F", "score") else f"{r[k]:.1f}") if k in r else ""
+                                     for k, _ in COLUMNS[1:]]
+        md.append("| " + " | ".join(cells) + " |")
+    return "\n".join(md)
+
+
+def write_outputs(run_dir, config, rows, reference):
+    done = [r for r in rows if not r.get("diverged")]
+    summary = [{k: v for k, v in r.items() if k not in ("samples", "roc", "run_id")} for r in rows]
+    atomic_write_text(run_dir / "audit.json", json.dumps({"models": config["models"], "shadows": config["shadows"],
+                                                          "per_sample_variance": config["per_sample_variance"],
+                                                          "buckets": n_buckets(config["models"]),
+                                                          "F_identical": chance_f(config["models"]),
+                                                          **reference, "experiments": summary}, indent=2))
+    n = config["models"]
+    lines = [f"Per-example audit: N = {n} gold-standard, original and unlearned models per experiment, "
+             f"K = {config['shadows']} shadows. F is in [2^-{n_buckets(n) - 1}, 1] ({n_buckets(n)} epsilon "
+             f"buckets at N = {n}); models indistinguishable from the gold standards score "
+             f"F = {chance_f(n):.3f} at this N (chance finds some epsilon). U-LiRA AUC 50: unlearned "
+             f"models indistinguishable from retrained ones.", "",
+             table(rows)]
+    atomic_write_text(run_dir / "audit.md", "\n".join(lines) + "\n")
+    csv = ["experiment,index,epsilon,points,phi_unlearned,phi_retrained,lira_unlearned,lira_retrained"]
+    for r in done:
+        s = r["samples"]
+        csv += [f"{r['experiment']},{i},{e},{p},{a:.4f},{b:.4f},{c:.4f},{d:.4f}" for i, e, p, a, b, c, d in
+                zip(s["index"], s["epsilon"], s["points"], s["phi_unlearned"], s["phi_retrained"],
+                    s["lira_unlearned"], s["lira_retrained"])]
+    atomic_write_text(run_dir / "samples.csv", "\n".join(csv) + "\n")
+    if done:
+        plot_epsilons(run_dir / "epsilon.png", done, n)
+        plot_rocs(run_dir / "roc.png", done)
+    return "\n".join(lines)
+
+
+def plot_epsilons(path, rows, n):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    last = n_buckets(n) - 1
+    edges = np.arange(last + 2) * BUCKET
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 1.3 * len(rows) + 0.8), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        eps = np.minimum(np.array(r["samples"]["epsilon"], float), last * BUCKET + BUCKET / 2)  # inf: last bar
+        ax.hist(eps, bins=edges, color="tab:blue")
+        ax.set_ylabel("samples", fontsize=8)
+        ax.set_title(f"{r['experiment']}: F = {r['F']:.3f}", fontsize=9, loc="left")
+    ticks = [f"{e:g}" for e in edges[:-1]]
+    ticks[-1] = "inf"
+    axes[-1, 0].set_xticks(edges[:-1] + BUCKET / 2, ticks, fontsize=8)
+    axes[-1, 0].set_xlabel(f"per-sample epsilon (bucket start; 'inf': perfect separation by N = {n} models)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rocs(path, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    for r in rows:
+        fpr, tpr = np.array(r["roc"]["fpr"]), np.array(r["roc"]["tpr"])
+        ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=f"{r['experiment']} (AUC {r['AUC']:.1f})")
+    ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=1, label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(1e-4, 1), xlabel="false positive rate",
+           ylabel="true positive rate", title="U-LiRA: unlearned (positive) vs retrained (negative)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_audits(experiments, config, run_dir, args):
+    """Audit every experiment not yet in results.jsonl; rows in file order, each group of
+    experiments on one checkpoint and forget set after its no-unlearning row."""
+    device = get_device(args.device)
+    compute = compute_for(device, config["precision"])
+    announce_compute(compute, config["precision"])
+    results_path = run_dir / "results.jsonl"
+    rows = {r["index"]: r for r in read_rows(results_path, config["run_id"])}
+    names, n, k = config["names"], config["models"], config["shadows"]
+    print(f"audit folder: {run_dir} ({len(experiments)} experiments, {len(rows)} already done)")
+    groups = {}
+    for i, e in enumerate(experiments):
+        groups.setdefault(pool_key(e), []).append(i)
+    logger = Logger(not args.no_log, "salun-deepdive", run_dir.name, config)
+    ordered, seconds, loaded = [], [], {}
+    for members in groups.values():
+        e0 = experiments[members[0]]
+        cfg = load_model_checkpoint(e0.checkpoint)["config"]
+        if cfg["dataset"] not in loaded:
+            loaded[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], config["data_dir"], device)
+        todo = [i for i in members if i not in rows]
+        with tqdm(total=2 * n + k + len(todo) * (n + k), unit="model") as bar:
+            audit = Audit(e0, cfg, loaded[cfg["dataset"]], compute, n, k, config["models_dir"],
+                          config["per_sample_variance"], bar)
+            seconds += audit.pool.seconds
+            ordered.append(dict(audit.baseline(), experiment=f"no unlearning ({e0.spec.describe()})"))
+            for i in todo:
+                row = dict(audit.run(experiments[i], names[i]), experiment=names[i], index=i, run_id=config["run_id"])
+                with open(results_path, "a") as f:  # one line per experiment, flushed as it ends
+                    f.write(json.dumps(row) + "\n")
+                rows[i] = row
+                if not row.get("diverged"):
+                    logger.log({f"{names[i]}/{m}": row[m] for m in ("F", "score", "AUC", "TPR@1%FPR")})
+        ordered += [rows[i] for i in members]
+    logger.finish()
+    reference = {"reference_models_trained": len(seconds),
+                 "seconds_per_reference_model": float(np.mean(seconds)) if seconds else None}
+    return ordered, reference
+
+
+def main_(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    experiments, config, run_dir = plan(args)
+    rows, reference = run_audits(experiments, config, run_dir, args)
+    text = write_outputs(run_dir, config, rows, reference)
+    print(text)
+    trained = reference["reference_models_trained"]
+    each = f", {reference['seconds_per_reference_model']:.1f} s each" if trained else ""
+    print(f"{trained} reference models trained{each}; {time.time() - start:.0f} s in all; results: {run_dir}")
+
+
+if __name__ == "__main__":
+    cli(main_)
