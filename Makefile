@@ -10,8 +10,9 @@ BASE := $(CKPT)/resnet18_digits_base.pt
 GOLD := $(CKPT)/resnet18_digits_cf0.pt
 GOLD_RF := $(CKPT)/resnet18_digits_rf0.1.pt
 GOLD_CF3 := $(CKPT)/resnet18_digits_cf3.pt
+SMALL := $(CKPT)/test_resnet_digits_base.pt
 
-.PHONY: setup test demo demo-random methods-digits clean-demo
+.PHONY: setup test demo demo-random methods-digits audit-demo clean-demo
 
 setup: $(STAMP)
 
@@ -60,5 +61,13 @@ methods-digits: $(BASE) $(GOLD_CF3) $(GOLD_RF)
 	$(PY) main.py -L exp/methods_digits_sweep.json -NL --name methods_digits_sweep
 	$(PY) main.py -L exp/methods_digits.json --nexp 3 -NL --name methods_digits
 
+# The per-example audit of five methods on digits class 3 with timm's test_resnet: 32 gold
+# standards, 32 originals and 16 shadows, trained once into checkpoints/audit and reused.
+$(SMALL): | $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) train.py --dataset digits --model test_resnet --epochs 4 --batch-size 64 --lr 0.2 -NL
+
+audit-demo: $(SMALL)
+	OMP_NUM_THREADS=1 $(PY) audit.py -L exp/audit_demo.json --models 32 -NL
+
 clean-demo:
-	rm -rf $(BASE) $(GOLD) $(GOLD_RF) $(GOLD_CF3) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json) $(GOLD_RF:.pt=_forget.json) $(GOLD_CF3:.pt=_forget.json) output/demo_random output/methods_digits_sweep output/methods_digits $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)
+	rm -rf $(BASE) $(GOLD) $(GOLD_RF) $(GOLD_CF3) $(BASE:.pt=_forget.json) $(GOLD:.pt=_forget.json) $(GOLD_RF:.pt=_forget.json) $(GOLD_CF3:.pt=_forget.json) output/demo_random output/methods_digits_sweep output/methods_digits $(SMALL) $(SMALL:.pt=_forget.json) $(CKPT)/audit $(DEMO) $(DEMO_FEATURES) images/checkpoints images/$(DEMO)
