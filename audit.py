@@ -317,7 +317,7 @@ class Audit:
             model = fit(self.ds, split.retain, self.split.val, recipe, fresh_seed, self.compute, verbose=False)[0]
             return self.phi(model), self.evaluate(model) if with_metrics else None
         ctx = main.Context(self.ds, split, self.cfg, base, None, None, self.compute,
-                           lambda model, run: main.timed_gradients(model, run))
+                           main.timed_gradients)
         model, _, result = main.unlearn(e, ctx, run_seed, Logger(False, "", "", {}))
         if result["diverged_at"] is not None:
             return None
