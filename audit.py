@@ -240,7 +240,7 @@ class Pool:
 
     def __init__(self, folder, ds, compute, base_config):
         self.folder, self.ds, self.compute, self.base = Path(folder), ds, compute, base_config
-        self.trained, self.seconds = 0, []
+        self.seconds = []  # of each model trained here
 
     def get(self, recipe, train_idx, val_idx, seed, label):
         key, what = model_key(recipe, self.compute, self.base["val_idx"], train_idx, seed)
@@ -254,7 +254,6 @@ class Pool:
         start = time.perf_counter()
         model, stem, result = fit(self.ds, train_idx, val_idx, recipe, seed, self.compute, name=label, verbose=False)
         self.seconds.append(time.perf_counter() - start)
-        self.trained += 1
         left_out = ~datasets.as_flags(self.base["val_idx"], self.base["n_train"])
         left_out[train_idx.cpu()] = False
         config = dict(self.base, **asdict(recipe), seed=seed, stem=stem, method="audit reference", trained_on=what,
@@ -316,8 +315,7 @@ class Audit:
             recipe = Recipe(self.cfg["model"], e.lr, e.epochs, e.batch_size, self.cfg.get("pretrained", False))
             model = fit(self.ds, split.retain, self.split.val, recipe, fresh_seed, self.compute, verbose=False)[0]
             return self.phi(model), self.evaluate(model) if with_metrics else None
-        ctx = main.Context(self.ds, split, self.cfg, base, None, None, self.compute,
-                           main.timed_gradients)
+        ctx = main.Context(self.ds, split, self.cfg, base, None, None, self.compute, main.timed_gradients)
         model, _, result = main.unlearn(e, ctx, run_seed, Logger(False, "", "", {}))
         if result["diverged_at"] is not None:
             return None
@@ -556,7 +554,12 @@ def main_(argv=None):
     args = parse_args(argv)
     start = time.time()
     experiments, config, run_dir = plan(args)
-    rows, reference = run_audits(experiments, config, run_dir, args)
+    try:
+        rows, reference = run_audits(experiments, config, run_dir, args)
+    except KeyboardInterrupt:
+        print(f"finished experiments are in {run_dir / 'results.jsonl'}, reference models in "
+              f"{config['models_dir']}; continue with: python audit.py --resume {run_dir}", file=sys.stderr)
+        raise
     text = write_outputs(run_dir, config, rows, reference)
     print(text)
     trained = reference["reference_models_trained"]

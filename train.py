@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -269,7 +270,13 @@ def main(argv=None):
     args = parse_args(argv)
     spec, name, path = check_args(args)
     start = time.time()
-    r = train(args, spec, name, path)
+    try:
+        r = train(args, spec, name, path)
+    except KeyboardInterrupt:
+        if resume_path(path).is_file():
+            print(f"{name}: {resume_path(path)} holds the last finished epoch; continue with the same command "
+                  f"and --resume", file=sys.stderr)
+        raise
     if r is None:
         print(f"{name}: stopped after epoch {args.stop_after} of {args.epochs}; {resume_path(path)} holds its "
               f"state; continue with the same command and --resume (without --stop-after)")
