@@ -446,16 +446,14 @@ def table(rows):
 def write_outputs(run_dir, config, rows, reference):
     done = [r for r in rows if not r.get("diverged")]
     summary = [{k: v for k, v in r.items() if k not in ("samples", "roc", "run_id")} for r in rows]
-    atomic_write_text(run_dir / "audit.json", json.dumps({"models": config["models"], "shadows": config["shadows"],
-                                                          "per_sample_variance": config["per_sample_variance"],
-                                                          "buckets": n_buckets(config["models"]),
-                                                          "F_identical": chance_f(config["models"]),
-                                                          **reference, "experiments": summary}, indent=2))
-    n = config["models"]
+    n, ceiling = config["models"], chance_f(config["models"])
+    head = {"models": n, "shadows": config["shadows"], "per_sample_variance": config["per_sample_variance"],
+            "buckets": n_buckets(n), "F_identical": ceiling, **reference}
+    atomic_write_text(run_dir / "audit.json", json.dumps({**head, "experiments": summary}, indent=2))
     lines = [f"Per-example audit: N = {n} gold-standard, original and unlearned models per experiment, "
              f"K = {config['shadows']} shadows. F is in [2^-{n_buckets(n) - 1}, 1] ({n_buckets(n)} epsilon "
              f"buckets at N = {n}); models indistinguishable from the gold standards score "
-             f"F = {chance_f(n):.3f} at this N (chance finds some epsilon). U-LiRA AUC 50: unlearned "
+             f"F = {ceiling:.3f} at this N (chance finds some epsilon). U-LiRA AUC 50: unlearned "
              f"models indistinguishable from retrained ones.", "",
              table(rows)]
     atomic_write_text(run_dir / "audit.md", "\n".join(lines) + "\n")
