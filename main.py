@@ -17,7 +17,9 @@ import csv
 import io
 import json
 import math
+import os
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -331,8 +333,9 @@ def timed_gradients(model, run):
     return grads, time.perf_counter() - start
 
 
-def unlearn(e, ctx, seed, logger):
+def unlearn(e, ctx, seed, logger, on_epoch=None):
     """One run; returns (model, mask, result dict). Evaluation time is not part of RTE.
+    `on_epoch(epoch, loss, metrics)`, when given, sees every evaluated epoch (a progress bar).
 
     A run whose loss becomes NaN or infinite stops there; its result has no metrics
     (`diverged_at` says when), so no mean ever includes it.
@@ -364,6 +367,8 @@ def unlearn(e, ctx, seed, logger):
             m = metrics.report(outs, mia=False)
             history.append({"epoch": epoch, "loss": loss, **m})
             logger.log({"loss": loss, **m} if loss is not None else m, step=epoch)
+            if on_epoch:
+                on_epoch(epoch, loss, m)
             start = time.perf_counter()
     final = metrics.report(outs) if diverged_at is None else None  # the last evaluation, now with the attacks
     result = {"seed": seed, "metrics": final, "rte_s": spent, "diverged_at": diverged_at,
@@ -630,8 +635,25 @@ def parse_args(argv=None):
     p.add_argument("--out", default="output",
                    help="folder the script writes under: <out>/<time>_<file>/ (default: output)")
     p.add_argument("--name", help="run folder name (default: <time>_<experiment file>); never reused")
-    p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results")
+    p.add_argument("--resume", help="an interrupted run folder: do the runs missing from its results (and retry "
+                                    "the runs that failed)")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
+    p.add_argument("--save", choices=SAVE_CHOICES, default="last",
+                   help="which unlearned models and masks are kept as .pt files: last: each experiment's last "
+                        "run; none: no .pt file; all: every run's, as <experiment>_run<k>.pt (default: last)")
+    g = p.add_argument_group("executor (where the runs compute; results are the same)")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: the runs one after another in this process; ray: each (experiment, run) is a "
+                        "task on a Ray worker (default: local)")
+    g.add_argument("--ray-address", default=None,
+                   help="with --executor ray: auto or HOST:PORT joins a running Ray cluster (None: start Ray on "
+                        "this machine, on the loopback only)")
+    g.add_argument("--cpus-per-run", type=float, default=None,
+                   help="with --executor ray: CPUs each worker reserves, and its torch threads (None: 1 when the "
+                        "runs use GPUs, else the torch threads a local run uses, so the numbers are the same)")
+    g.add_argument("--gpus-per-run", type=float, default=None,
+                   help="with --executor ray: GPUs each worker reserves; fractions share a GPU, 0.25 packs four "
+                        "runs on one (None: 1 when --device is cuda, else 0)")
     args = p.parse_args(argv)
     args.changed = [a.option_strings[0] for a in p._actions  # as the user may have typed them
                     if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
@@ -664,8 +686,10 @@ def load_list(path):
         raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
-# What --resume may change: where it computes and whether it logs, not what it computes.
-RESUME_MAY_CHANGE = {"--resume", "--device", "-NL"}
+# What --resume may change: where it computes, whether it logs and which models it keeps,
+# not what it computes.
+RESUME_MAY_CHANGE = {"--resume", "--device", "-NL", "--save", "--executor", "--ray-address", "--cpus-per-run",
+                     "--gpus-per-run"}
 
 
 def resume_plan(args):
@@ -679,7 +703,7 @@ def resume_plan(args):
              (f == "--precision" and args.precision == saved.get("precision"))]
     if fixed:
         raise UserError(f"--resume continues {run_dir} exactly as it was configured; {', '.join(fixed)} would "
-                        f"change it (only --device and -NL may be given): start a new run instead")
+                        f"change it (only --device, -NL, --save and the executor flags may be given): start a new run instead")
     if not {"run_id", "precision"} <= set(saved):
         raise UserError(f"{run_dir} was written by an older version of main.py (no run_id or precision in "
                         f"its config.json) and cannot be resumed; start a new run")
@@ -713,7 +737,8 @@ def plan(args, device):
     run_dir = unique_dir(args.out, args.name or f"{timestamp()}_{label}")
     config = {"experiments": [asdict(e) for e in experiments], "names": experiment_names(experiments),
               "nexp": args.nexp, "data_dir": args.data_dir, "precision": compute.precision,
-              "device_name": device_name(device), "run_id": uuid.uuid4().hex, "command": sys.argv}
+              "device_name": device_name(device), "run_id": uuid.uuid4().hex, "save": args.save,
+              "command": sys.argv}
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
     return experiments, {**config, "run_dir": str(run_dir)}
 
@@ -729,44 +754,185 @@ def save_outputs(run_dir, name, e, ctx, model, mask, result):
                          "zero_fraction": mask.zero_fraction})
 
 
+# ---------------------------------------------------------------- the run loop
+
+SAVE_CHOICES = ("last", "none", "all")
+EXECUTORS = ("local", "ray")
+
+
+def check_executor(args, device):
+    """The executor flags, checked before anything is computed; fills in their defaults."""
+    if args.executor != "ray":
+        given = [f for f in ("--ray-address", "--cpus-per-run", "--gpus-per-run") if f in args.changed]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --executor ray")
+        return
+    if args.gpus_per_run is None:
+        args.gpus_per_run = 1.0 if device.type == "cuda" else 0.0
+    if args.cpus_per_run is None:  # a CPU worker computes with the threads a local run would use
+        args.cpus_per_run = 1.0 if args.gpus_per_run > 0 else float(torch.get_num_threads())
+    if not (math.isfinite(args.cpus_per_run) and args.cpus_per_run > 0):
+        raise UserError(f"--cpus-per-run must be a number above 0, got {args.cpus_per_run:g}")
+    if not (math.isfinite(args.gpus_per_run) and 0 <= args.gpus_per_run):
+        raise UserError(f"--gpus-per-run must be 0 or more, got {args.gpus_per_run:g}")
+    if args.gpus_per_run > 0 and "--device" in args.changed and device.type != "cuda":
+        raise UserError(f"--gpus-per-run {args.gpus_per_run:g} puts the runs on GPUs, --device {args.device} "
+                        f"on the CPU; give one or the other")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install -r requirements.txt") from None
+
+
+def saved_name(name, k, nexp, save):
+    """The name run k's model and mask are saved under, or None when --save keeps no file of it."""
+    if save == "all":
+        return f"{name}_run{k}"
+    return name if save == "last" and k == nexp - 1 else None
+
+
+def append_line(path, row):
+    """One whole JSON line in a single write: an interruption leaves the line or nothing."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+class RunFolder:
+    """What the driver alone writes while runs finish: results.jsonl, and the saved models."""
+
+    def __init__(self, run_dir, run_id, names, nexp, save, rows):
+        self.run_dir, self.run_id, self.names, self.nexp, self.save = run_dir, run_id, names, nexp, save
+        self.results, self.rows = run_dir / "results.jsonl", rows
+
+    def save_as(self, i, k):
+        return saved_name(self.names[i], k, self.nexp, self.save)
+
+    def record(self, i, k, result, describe, write_model):
+        """Run k of experiment i: its files through `write_model(name)`, then its results line."""
+        name, save_as = self.names[i], self.save_as(i, k)
+        if save_as and result["diverged_at"] is None:
+            write_model(save_as)
+        elif save_as:  # its weights hold NaN/inf: no checkpoint to analyse
+            tqdm.write(f"{name}: diverged at epoch {result['diverged_at']}; no checkpoint saved", file=sys.stderr)
+        self.add({"experiment": i, "name": name, "run": k, **result, "run_id": self.run_id, **describe})
+
+    def record_failure(self, i, k, seed, error, attempts):
+        """A run that raised (or lost its worker) on every attempt: kept with its error, in no mean;
+        --resume tries it again."""
+        tqdm.write(f"{self.names[i]} run {k}: failed after {attempts} attempts: {error}", file=sys.stderr)
+        self.add({"experiment": i, "name": self.names[i], "run": k, "seed": seed, "failed": error,
+                  "attempts": attempts, "metrics": None, "diverged_at": None, "history": [], "run_id": self.run_id})
+
+    def add(self, row):
+        append_line(self.results, row)
+        self.rows.append(row)
+
+
+def drop_failed(path, rows):
+    """Results without the runs that failed, which --resume runs again."""
+    kept = [r for r in rows if not r.get("failed")]
+    if len(kept) < len(rows):
+        print(f"note: trying the {len(rows) - len(kept)} failed run(s) of {path} again", file=sys.stderr)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def run_local(experiments, todo, folder, compute, args):
+    """The runs one after another in this process: one bar over every run of the list, the
+    current run's epochs under it. Returns the reference metrics of every experiment."""
+    cache, refs = {"data_dir": args.data_dir}, {}
+    total = len(experiments) * folder.nexp
+    with tqdm(total=total, initial=total - len(todo), unit="run", dynamic_ncols=True) as bar:
+        for i, e in enumerate(experiments):
+            bar.set_description(folder.names[i])
+            ctx = prepare(e, compute, cache)
+            refs[i] = {"before": ctx.before, "gold": ctx.gold}
+            for k in [k for j, k in todo if j == i]:
+                with tqdm(total=e.epochs, desc=f"  run {k + 1}/{folder.nexp}", unit="epoch", position=1,
+                          leave=False, dynamic_ncols=True) as epochs:
+                    def show(epoch, loss, m):
+                        epochs.set_postfix_str(("" if loss is None else f"loss {loss:.4f}, ") +
+                                               f"UA {m['UA']:.1f}, RA {m['RA']:.1f}", refresh=False)
+                        epochs.update()
+                    logger = Logger(not args.no_log, "salun-deepdive", f"{folder.run_dir.name}/{folder.names[i]}/run{k}",
+                                    asdict(e))
+                    model, mask, result = unlearn(e, ctx, e.seed + k, logger, show)
+                    logger.finish()
+                folder.record(i, k, result, compute.describe(),
+                              lambda name: save_outputs(folder.run_dir, name, e, ctx, model, mask, result))
+                bar.update()
+    return refs
+
+
+def note_failures(table, names, experiments, failed, nexp):
+    """Failed runs in the summary table: 'k/n failed' in the experiment's row (a row of its own
+    when none of its runs finished)."""
+    for i in sorted({r["experiment"] for r in failed}):
+        note = f"{sum(r['experiment'] == i for r in failed)}/{nexp} failed"
+        row = next((r for r in table if r["experiment"] == names[i]), None)
+        if row is None:
+            e = experiments[i]
+            row = {"experiment": names[i], "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
+                   "forget": e.spec.describe(), "runs": 0, "diverged": ""}
+            after = [n for n, r in enumerate(table) if r["experiment"] in names[:i]]
+            table.insert(after[-1] + 1 if after else len(table), row)
+        row["diverged"] = "; ".join(x for x in (row.get("diverged"), note) if x)
+
+
+def failure_lines(failed, run_dir):
+    lines = [f"failed: {r['name']} run {r['run']} (seed {r['seed']}): {r['failed']}" for r in failed]
+    return lines + [f"{len(failed)} run(s) failed and are in no mean; {resume_command(run_dir)} tries them again"]
+
+
+def resume_command(run_dir, args=None):
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("main.py") else "main.py"
+    extra = " -NL" if args is not None and args.no_log else ""
+    return f"python {shlex.quote(script)} --resume {shlex.quote(str(run_dir))}{extra}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = get_device(args.device)
+    check_executor(args, device)
     experiments, config = plan(args, device)
     run_dir = Path(config.get("run_dir") or args.resume)
     names, nexp = config["names"], config["nexp"]
+    save = args.save if not args.resume or "--save" in args.changed else config.get("save", "last")
     compute = compute_for(device, config["precision"])
     announce_compute(compute, config["precision"])
     results_path = run_dir / "results.jsonl"
-    rows = read_results(results_path, config["run_id"])
+    rows = drop_failed(results_path, read_results(results_path, config["run_id"]))
     done = {(r["experiment"], r["run"]) for r in rows}
+    todo = [(i, k) for i in range(len(experiments)) for k in range(nexp) if (i, k) not in done]
     print(f"run folder: {run_dir} ({len(experiments)} experiments x {nexp} runs, {len(done)} already done)")
-    cache, refs = {"data_dir": args.data_dir}, {}
-    stamp = {"run_id": config["run_id"], **compute.describe()}
-    for i, (name, e) in enumerate(zip(names, experiments)):
-        todo = [k for k in range(nexp) if (i, k) not in done]
-        ctx = prepare(e, compute, cache)
-        refs[i] = {"before": ctx.before, "gold": ctx.gold}
-        for k in tqdm(todo, desc=name, unit="run", disable=not todo):
-            logger = Logger(not args.no_log, "salun-deepdive", f"{run_dir.name}/{name}/run{k}", asdict(e))
-            model, mask, result = unlearn(e, ctx, e.seed + k, logger)
-            logger.finish()
-            if k == nexp - 1 and result["diverged_at"] is None:
-                save_outputs(run_dir, name, e, ctx, model, mask, result)
-            elif k == nexp - 1:  # its weights hold NaN/inf: no checkpoint to analyse
-                print(f"{name}: diverged at epoch {result['diverged_at']}; no checkpoint saved",
-                      file=sys.stderr)
-            row = {"experiment": i, "name": name, "run": k, **result, **stamp}
-            with open(results_path, "a") as f:  # one whole line per run, flushed as it ends
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-            rows.append(row)
-    table = summarize(names, experiments, rows, refs)
-    md = write_summary(run_dir, table, rows)
+    folder = RunFolder(run_dir, config["run_id"], names, nexp, save, rows)
+    try:
+        if args.executor == "ray" and todo:
+            import ray_executor  # Ray is imported only when asked for
+            refs = ray_executor.run(experiments, todo, folder, config["precision"], args)
+        else:
+            refs = run_local(experiments, todo, folder, compute, args)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(folder.rows)} of {len(experiments) * nexp} runs are in {results_path}; "
+              f"resume with: {resume_command(run_dir, args)}", file=sys.stderr)
+        sys.exit(130)
+    finished = sorted((r for r in folder.rows if not r.get("failed")), key=lambda r: (r["experiment"], r["run"]))
+    failed = sorted((r for r in folder.rows if r.get("failed")), key=lambda r: (r["experiment"], r["run"]))
+    table = summarize(names, experiments, finished, refs)
+    note_failures(table, names, experiments, failed, nexp)
+    md = write_summary(run_dir, table, finished)
+    if failed:
+        md += "\n\n" + "\n".join(failure_lines(failed, run_dir))
+        atomic_write_text(run_dir / "summary.md", md + "\n")
     if (run_dir / "masks").is_dir():
         plots.plot_masks(run_dir)
     print(md)
     print(f"results: {run_dir}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
