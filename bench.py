@@ -5,6 +5,7 @@
     python bench.py --device cuda --json bench.json
     python bench.py --quick --rows mask_speedup,wasserstein_speedup
     python bench.py --smoke --json /tmp/b.json    # tiny sizes: tests the code paths, not the speed
+    python bench.py --rows ray_runs_ratio          # main.py --executor ray against local, same list of runs
 
 Each row builds ours and a reference for the same work in this one process, warms
 both up, then times them in turn for a few repeats (the order swapped every repeat,
@@ -54,6 +55,8 @@ SIZES = {
         "wasserstein_speedup": dict(points=500, dims=512, repeats=2),
         "tsne_speedup": dict(points=3000, dims=512, repeats=1),
         "rte_ratio": dict(train=None, repeats=3),
+        "ray_runs_ratio": dict(experiments=4, nexp=3, repeats=1),
+        "ray_gpu_packing": dict(experiments=4, nexp=4, repeats=1),
     },
     "quick": {
         "seed_pipeline_speedup": dict(batch=32, batches=1, repeats=3),
@@ -63,6 +66,8 @@ SIZES = {
         "wasserstein_speedup": dict(points=300, dims=512, repeats=2),
         "tsne_speedup": dict(points=500, dims=512, repeats=1),
         "rte_ratio": dict(train=None, repeats=1),
+        "ray_runs_ratio": dict(experiments=4, nexp=1, repeats=1),
+        "ray_gpu_packing": dict(experiments=4, nexp=2, repeats=1),
     },
     "smoke": {
         "seed_pipeline_speedup": dict(batch=4, batches=1, repeats=1),
@@ -72,6 +77,8 @@ SIZES = {
         "wasserstein_speedup": dict(points=30, dims=16, repeats=1),
         "tsne_speedup": dict(points=60, dims=16, repeats=1),
         "rte_ratio": dict(train=160, repeats=1),
+        "ray_runs_ratio": dict(experiments=1, nexp=1, repeats=1),
+        "ray_gpu_packing": dict(experiments=1, nexp=1, repeats=1),
     },
 }
 
@@ -466,6 +473,78 @@ def rte_ratio(size, device, workers):
                   f"digits, {n_f} forget + {n_r} retain (random 10%), {size['repeats']} repeat(s)", note)
 
 
+RAY_METHODS = ("rl", "ft", "ga_small", "rl_split")  # the fixed list: these, with the mask on every other one
+
+
+def ray_study(folder, size, device):
+    """A digits base model (one epoch of train.py) and the fixed list of unlearning runs on it."""
+    import subprocess
+    from utils import UserError
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                        "--dataset", "digits", "--model", size["model"], "--epochs", "1", "--batch-size", "64",
+                        "--precision", size["precision"], "--device", str(device), "-NL", "--save-dir", folder],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"train.py for the Ray rows failed: {r.stderr.strip().splitlines()[-1:]}")
+    base = os.path.join(folder, f"{size['model']}_digits_base.pt")
+    exps = [{"checkpoint": base, "class_to_forget": 0, "method": RAY_METHODS[i % len(RAY_METHODS)], "lr": 0.01,
+             "epochs": 1, "use_mask": i % 2 == 1} for i in range(size["experiments"])]
+    path = os.path.join(folder, "ray_runs.json")
+    with open(path, "w") as f:
+        json.dump(exps, f)
+    return path
+
+
+def main_py(exp_file, folder, size, device, *flags):
+    """Seconds of one whole `main.py -L exp_file` (start-up included: Ray's is part of what it costs)."""
+    import subprocess
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py"), "-L", exp_file,
+           "--nexp", str(size["nexp"]), "-NL", "--save", "none", "--out", folder, "--device", str(device),
+           "--precision", size["precision"], *flags]
+    start = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(flags) or 'local'}: main.py failed: {r.stderr.strip()[-500:]}")
+    return time.perf_counter() - start
+
+
+def ray_runs_ratio(size, device, workers):
+    """Throughput of a fixed list of digits runs (RAY_METHODS, one epoch each, --nexp runs) with
+    `main.py --executor ray` on a Ray it starts on this machine, over the same list with the local
+    executor: whole main.py processes, Ray's start-up and its workers' data loading included.
+    Both with their defaults, so a CPU worker computes with the threads a local run uses."""
+    import tempfile
+    import ray  # noqa: F401  (a missing Ray is an error row, not a failed main.py)
+    with tempfile.TemporaryDirectory() as folder:
+        exp_file = ray_study(folder, size, device)
+        pairs = []
+        for r in range(size["repeats"]):
+            order = ("ray", "local") if r % 2 == 0 else ("local", "ray")
+            t = {name: main_py(exp_file, folder, size, device, "--executor", name) for name in order}
+            pairs.append((t["ray"], t["local"]))
+    runs = size["experiments"] * size["nexp"]
+    res = summarize(pairs, f"{runs} digits runs of {size['model']}, 1 epoch each, {size['repeats']} repeat(s)")
+    res.note = f"{60 * runs / res.ours_s:.1f} vs {60 * runs / res.reference_s:.1f} runs/min (ray vs local)"
+    return res
+
+
+def ray_gpu_packing(size, device, workers):
+    """Runs per minute of the same list on one GPU with 1, 2, 4 and 8 runs packed on it
+    (--gpus-per-run 1, 0.5, 0.25, 0.125); the ratio is 8 per GPU over 1 per GPU."""
+    import tempfile
+    import ray  # noqa: F401
+    if device.type != "cuda":
+        raise RuntimeError("ray_gpu_packing needs a CUDA device")
+    per_gpu = (1, 2, 4, 8)
+    with tempfile.TemporaryDirectory() as folder:
+        exp_file = ray_study(folder, size, device)
+        seconds = {n: main_py(exp_file, folder, size, device, "--executor", "ray", "--gpus-per-run", str(1 / n))
+                   for n in per_gpu}
+    runs = size["experiments"] * size["nexp"]
+    return Result(seconds[8], seconds[1], seconds[1] / seconds[8], f"{runs} digits runs of {size['model']}",
+                  "runs/min at " + ", ".join(f"{n}/GPU: {60 * runs / seconds[n]:.1f}" for n in per_gpu))
+
+
 ROWS = {  # name -> (function, direction, goal)
     "seed_pipeline_speedup": (seed_pipeline_speedup, ">=", 8.0),
     "data_path_speedup": (data_path_speedup, ">=", 10.0),
@@ -474,7 +553,10 @@ ROWS = {  # name -> (function, direction, goal)
     "wasserstein_speedup": (wasserstein_speedup, ">=", 100.0),
     "tsne_speedup": (tsne_speedup, ">=", 2.5),
     "rte_ratio": (rte_ratio, "<=", 0.10),
+    "ray_runs_ratio": (ray_runs_ratio, ">=", 0.8),
 }
+if torch.cuda.is_available():  # packing runs on a GPU means nothing without one
+    ROWS["ray_gpu_packing"] = (ray_gpu_packing, ">=", 1.0)
 
 
 # ---------------------------------------------------------------- output

@@ -81,6 +81,9 @@ class Task:
 def start_ray(address):
     """Ray on this machine (loopback only, no dashboard), or a running cluster; quietly."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing is reported off the machine
+    # Ray starts its workers at niceness 15: on a machine shared with other work they would wait
+    # behind it, and a study would run several times slower than the same runs done locally
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
                  # workers import the toolkit's modules by name: from this checkout, at the same path on every node

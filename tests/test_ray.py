@@ -1,0 +1,165 @@
+"""main.py --executor ray on a local two-worker Ray: the same numbers as the local executor run
+for run, a task that raises recorded while the others finish, an interrupted study that
+resumes (Ctrl-C prints the command), --save none and --save all.
+
+Ray starts once for the module (in this process, two CPUs); every main.py joins it with
+--ray-address, as it would join a cluster. One thread per worker and per local run, so the
+two executors compute the same sums.
+"""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT
+from scripted import FAST, run
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as main.py starts Ray: workers not niced
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR, _node_ip_address="127.0.0.1")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def experiments(ckpts, failing=False):
+    """A masked run with a gold standard, gradient ascent on a random 10% and, when asked, a
+    method setting that passes the checks but raises when the run starts (cf_k needs k below the
+    model's number of stages)."""
+    base = {"checkpoint": str(ckpts["base"]), "epochs": 1}
+    exps = [{**base, "class_to_forget": 0, "method": "rl", "lr": 0.03, "use_mask": True,
+             "retrained": str(ckpts["gold"])},
+            {**base, "unlearning_rate": 0.1, "method": "ga_small", "lr": 0.01}]
+    return exps + ([{**base, "class_to_forget": 0, "method": "cf_k", "method_args": {"k": 100}}] if failing else [])
+
+
+def rows_of(run_dir):
+    """results.jsonl as {(experiment, run): line}, without what differs between identical runs."""
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    return {(r["experiment"], r["run"]): {k: v for k, v in r.items() if k not in ("rte_s", "run_id")} for r in rows}
+
+
+def start(tmp, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=tmp, text=True,
+                            env=dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", **FAST),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def interrupt_after_first_line(proc, results, timeout=240):
+    """Ctrl-C as soon as the first run's line is in results.jsonl; (stdout, stderr)."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if results.exists() and results.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def study(ckpts, ray_address, tmp_path_factory):
+    """Two experiments run locally (--save all); the same two and a third, failing one on Ray,
+    interrupted with Ctrl-C after the first finished run and resumed on Ray."""
+    tmp = tmp_path_factory.mktemp("ray")
+    (tmp / "good.json").write_text(json.dumps(experiments(ckpts)))
+    (tmp / "failing.json").write_text(json.dumps(experiments(ckpts, failing=True)))
+    on_ray = start(tmp, "-L", "failing.json", "-NL", "--out", "out", "--name", "ray", "--executor", "ray",
+                   "--ray-address", ray_address)
+    local = start(tmp, "-L", "good.json", "-NL", "--out", "out", "--name", "local", "--save", "all")
+    run_dir = tmp / "out" / "ray"
+    _, stopped_err = interrupt_after_first_line(on_ray, run_dir / "results.jsonl")
+    _, local_err = local.communicate(timeout=300)
+    assert local.returncode == 0, local_err
+    stopped = {"code": on_ray.returncode, "stderr": stopped_err, "kept": (run_dir / "results.jsonl").read_text()}
+    resumed = run("main.py", "--resume", "out/ray", "-NL", "--executor", "ray", "--ray-address", ray_address, cwd=tmp)
+    return {"local": tmp / "out" / "local", "ray": run_dir, "stopped": stopped, "resumed": resumed}
+
+
+def test_ray_gives_the_local_numbers_run_for_run(study):
+    local, on_ray = rows_of(study["local"]), rows_of(study["ray"])
+    assert set(local) == {(0, 0), (1, 0)}
+    assert {key: on_ray[key] for key in local} == local  # metrics, history, gaps, mask fractions
+    for name in ("00_rl_mask0.5_class-0", "01_ga_small_random-0.1", "masks/00_rl_mask0.5_class-0"):
+        a = utils.load_checkpoint(study["local"] / f"{name}_run0.pt")["state_dict"]  # --save all
+        b = utils.load_checkpoint(study["ray"] / f"{name}.pt")["state_dict"]  # --save last, sent back by a worker
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert sorted(p.name for p in study["local"].glob("*.pt")) == [
+        "00_rl_mask0.5_class-0_run0.pt", "01_ga_small_random-0.1_run0.pt"]
+    assert not list(study["ray"].glob("*_run*.pt"))
+
+
+def test_ctrl_c_prints_the_resume_command_and_keeps_whole_lines(study):
+    stopped = study["stopped"]
+    assert stopped["code"] == 130, stopped["stderr"]
+    assert 1 <= stopped["kept"].count("\n") < 3 and stopped["kept"].endswith("\n")
+    said = [line for line in stopped["stderr"].replace("\r", "\n").splitlines() if "resume with" in line]
+    assert len(said) == 1 and said[0].endswith(f"resume with: python {ROOT / 'main.py'} --resume out/ray -NL")
+    assert "Traceback" not in stopped["stderr"]
+
+
+def test_a_task_that_raises_is_recorded_while_the_others_finish(study):
+    r, run_dir = study["resumed"], study["ray"]
+    assert r.returncode == 1, r.stderr  # the study finished, with a failed run
+    assert (run_dir / "results.jsonl").read_text().startswith(study["stopped"]["kept"])  # nothing redone
+    rows = rows_of(run_dir)
+    assert set(rows) == {(0, 0), (1, 0), (2, 0)}
+    failed = rows[2, 0]
+    assert failed["failed"].startswith("UserError: k=100, but ResNet has") and failed["attempts"] == 2
+    assert failed["metrics"] is None and failed["seed"] == 0
+    assert (study["stopped"]["stderr"] + r.stderr).count("02_cf_k_class-0 run 0: UserError: k=100") >= 1
+    md = (run_dir / "summary.md").read_text()
+    assert "| 02_cf_k_class-0 | cf_k | - | class 0 | 0 |" in md and "1/1 failed" in md
+    assert f"1 run(s) failed and are in no mean; python {ROOT / 'main.py'} --resume out/ray tries them again" in md
+    assert md.strip().splitlines()[-1] in r.stdout
+    assert "1/1 failed" in (run_dir / "summary.csv").read_text()
+
+
+def test_resume_tries_failed_runs_again(tmp_path):
+    import main
+    path = tmp_path / "results.jsonl"
+    rows = [{"experiment": 0, "run": 0, "metrics": {}}, {"experiment": 1, "run": 0, "failed": "UserError: no"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main.drop_failed(path, rows) == rows[:1]
+    assert path.read_text() == json.dumps(rows[0]) + "\n"
+
+
+@pytest.mark.parametrize("save, kept", [("none", []), ("last", ["exp"]), ("all", ["exp_run0", "exp_run1"])])
+def test_save_keeps_what_it_says(tmp_path, save, kept):
+    """--save none writes no .pt file, last only the last run's, all every run's under its own name."""
+    import main
+    folder = main.RunFolder(tmp_path, "id", ["exp"], 2, save, [])
+    for k in (0, 1):
+        result = {"seed": k, "metrics": {}, "diverged_at": None}
+        folder.record(0, k, result, {}, lambda name: (tmp_path / f"{name}.pt").touch())
+    assert sorted(p.stem for p in tmp_path.glob("*.pt")) == kept
+    assert [json.loads(line)["run"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [0, 1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--executor", "ray", "--cpus-per-run", "0"), "--cpus-per-run must be a number above 0, got 0"),
+    (("--executor", "ray", "--gpus-per-run", "-1"), "--gpus-per-run must be 0 or more, got -1"),
+    (("--ray-address", "auto"), "--ray-address is for --executor ray only"),
+    (("--executor", "ray", "--device", "cpu", "--gpus-per-run", "0.5"), "--gpus-per-run 0.5 puts the runs on GPUs"),
+])
+def test_executor_flags_are_checked_before_anything_runs(ckpts, tmp_path, flags, message):
+    import main
+    with pytest.raises(utils.UserError, match=message.replace(".", r"\.")):
+        main.main(["-c", str(ckpts["base"]), "-CF", "0", "-E", "1", "-NL", "--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
