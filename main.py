@@ -4,11 +4,14 @@
     python main.py -c checkpoints/resnet18_digits_base.pt -CF 0 -M rl_split -UM -MT 0.2 -NL
     python main.py -c checkpoints/resnet18_digits_base.pt -CF 3 -M scrub -MA msteps=1 -E 3 -LR 0.01 -NL
     python main.py --resume output/20261130-101500_classforget
+    python main.py -L exp/demo.json --nexp 3 -NL --executor ray --gpus-per-run 0.25
 
 Results go to output/<run>/: config.json (the resolved experiments), results.jsonl (one
 line per finished run, written as it ends), summary.csv / summary.md / summary.png, and
 per experiment the unlearned model of its last run (<name>.pt, train.py's format) and
-its saliency mask (masks/<name>.pt).
+its saliency mask (masks/<name>.pt); --save none or all keeps none or every run's.
+With --executor ray each run is a task on a Ray worker (ray_executor.py); this process
+alone writes the run folder either way.
 """
 import argparse
 import contextlib
@@ -703,7 +706,8 @@ def resume_plan(args):
              (f == "--precision" and args.precision == saved.get("precision"))]
     if fixed:
         raise UserError(f"--resume continues {run_dir} exactly as it was configured; {', '.join(fixed)} would "
-                        f"change it (only --device, -NL, --save and the executor flags may be given): start a new run instead")
+                        f"change it (only --device, -NL, --save and the executor flags may be given): start a new "
+                        f"run instead")
     if not {"run_id", "precision"} <= set(saved):
         raise UserError(f"{run_dir} was written by an older version of main.py (no run_id or precision in "
                         f"its config.json) and cannot be resumed; start a new run")
@@ -765,7 +769,7 @@ def check_executor(args, device):
     if args.executor != "ray":
         given = [f for f in ("--ray-address", "--cpus-per-run", "--gpus-per-run") if f in args.changed]
         if given:
-            raise UserError(f"{', '.join(given)} only apply with --executor ray")
+            raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --executor ray only")
         return
     if args.gpus_per_run is None:
         args.gpus_per_run = 1.0 if device.type == "cuda" else 0.0
@@ -857,8 +861,8 @@ def run_local(experiments, todo, folder, compute, args):
                         epochs.set_postfix_str(("" if loss is None else f"loss {loss:.4f}, ") +
                                                f"UA {m['UA']:.1f}, RA {m['RA']:.1f}", refresh=False)
                         epochs.update()
-                    logger = Logger(not args.no_log, "salun-deepdive", f"{folder.run_dir.name}/{folder.names[i]}/run{k}",
-                                    asdict(e))
+                    logger = Logger(not args.no_log, "salun-deepdive",
+                                    f"{folder.run_dir.name}/{folder.names[i]}/run{k}", asdict(e))
                     model, mask, result = unlearn(e, ctx, e.seed + k, logger, show)
                     logger.finish()
                 folder.record(i, k, result, compute.describe(),
@@ -924,9 +928,11 @@ def main(argv=None):
     table = summarize(names, experiments, finished, refs)
     note_failures(table, names, experiments, failed, nexp)
     md = write_summary(run_dir, table, finished)
-    if failed:
-        md += "\n\n" + "\n".join(failure_lines(failed, run_dir))
-        atomic_write_text(run_dir / "summary.md", md + "\n")
+    if failed:  # said last, where the eye ends up
+        lines = "\n".join(failure_lines(failed, run_dir))
+        summary_md = run_dir / "summary.md"
+        atomic_write_text(summary_md, summary_md.read_text().rstrip("\n") + "\n\n" + lines + "\n")
+        md += "\n\n" + lines
     if (run_dir / "masks").is_dir():
         plots.plot_masks(run_dir)
     print(md)

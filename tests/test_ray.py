@@ -92,16 +92,20 @@ def study(ckpts, ray_address, tmp_path_factory):
     return {"local": tmp / "out" / "local", "ray": run_dir, "stopped": stopped, "resumed": resumed}
 
 
+def names(run_dir):
+    return json.loads((run_dir / "config.json").read_text())["names"]
+
+
 def test_ray_gives_the_local_numbers_run_for_run(study):
     local, on_ray = rows_of(study["local"]), rows_of(study["ray"])
     assert set(local) == {(0, 0), (1, 0)}
     assert {key: on_ray[key] for key in local} == local  # metrics, history, gaps, mask fractions
-    for name in ("00_rl_mask0.5_class-0", "01_ga_small_random-0.1", "masks/00_rl_mask0.5_class-0"):
+    masked, ascent = names(study["local"])
+    for name in (masked, ascent, f"masks/{masked}"):
         a = utils.load_checkpoint(study["local"] / f"{name}_run0.pt")["state_dict"]  # --save all
         b = utils.load_checkpoint(study["ray"] / f"{name}.pt")["state_dict"]  # --save last, sent back by a worker
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert sorted(p.name for p in study["local"].glob("*.pt")) == [
-        "00_rl_mask0.5_class-0_run0.pt", "01_ga_small_random-0.1_run0.pt"]
+    assert sorted(p.name for p in study["local"].glob("*.pt")) == [f"{masked}_run0.pt", f"{ascent}_run0.pt"]
     assert not list(study["ray"].glob("*_run*.pt"))
 
 
@@ -123,9 +127,10 @@ def test_a_task_that_raises_is_recorded_while_the_others_finish(study):
     failed = rows[2, 0]
     assert failed["failed"].startswith("UserError: k=100, but ResNet has") and failed["attempts"] == 2
     assert failed["metrics"] is None and failed["seed"] == 0
-    assert (study["stopped"]["stderr"] + r.stderr).count("02_cf_k_class-0 run 0: UserError: k=100") >= 1
+    failing = names(run_dir)[2]
+    assert f"{failing} run 0: UserError: k=100" in study["stopped"]["stderr"] + r.stderr
     md = (run_dir / "summary.md").read_text()
-    assert "| 02_cf_k_class-0 | cf_k | - | class 0 | 0 |" in md and "1/1 failed" in md
+    assert f"| {failing} | cf_k | - | class 0 | 0 |" in md and "1/1 failed" in md
     assert f"1 run(s) failed and are in no mean; python {ROOT / 'main.py'} --resume out/ray tries them again" in md
     assert md.strip().splitlines()[-1] in r.stdout
     assert "1/1 failed" in (run_dir / "summary.csv").read_text()
