@@ -880,7 +880,7 @@ def note_failures(table, names, experiments, failed, nexp):
         if row is None:
             e = experiments[i]
             row = {"experiment": names[i], "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
-                   "forget": e.spec.describe(), "runs": 0, "diverged": ""}
+                   "forget": e.spec.describe(), "runs": 0, **settings_columns(e), "diverged": ""}
             after = [n for n, r in enumerate(table) if r["experiment"] in names[:i]]
             table.insert(after[-1] + 1 if after else len(table), row)
         row["diverged"] = "; ".join(x for x in (row.get("diverged"), note) if x)
