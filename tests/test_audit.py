@@ -111,13 +111,15 @@ def audited(tmp_path_factory):
     """A 1-epoch test_resnet base model on digits, audited for retraining (train.py's recipe,
     new seeds) and ga_small on class 3, with N = K = 6."""
     d = tmp_path_factory.mktemp("audit")
+    # fp32 on every machine: with N = K = 6 one-epoch models the margins below are a few AUC
+    # points, and bf16 training (auto on CPUs with native bf16) moves them by as much
     train_script.main(["--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "--batch-size", "64",
-                       "--lr", "0.2", "-NL", "--save-dir", str(d)])  # here: a process start costs more
+                       "--lr", "0.2", "-NL", "--precision", "fp32", "--save-dir", str(d)])  # a process start costs more
     base = {"checkpoint": str(d / "test_resnet_digits_base.pt"), "class_to_forget": 3, "batch_size": 64}
     exps = [dict(base, method="retrain", lr=0.2, epochs=1), dict(base, method="ga_small", lr=0.05, epochs=1)]
     (d / "exp.json").write_text(json.dumps(exps))
     r = run("audit.py", "-L", d / "exp.json", "--models", N, "--shadows", K, "-NL", "--out", d / "out",
-            "--name", "a", "--models-dir", d / "pool", cwd=d)
+            "--name", "a", "--models-dir", d / "pool", "--precision", "fp32", cwd=d)
     assert r.returncode == 0, r.stderr
     out = d / "out" / "a"
     return {"dir": d, "out": out, "stdout": r.stdout, "base": base,

@@ -248,7 +248,8 @@ def test_shipped_experiment_files_are_well_formed():
             assert settings_problems(main.Experiment, entry) == {}, (path, entry)
             e = main.Experiment(**entry)
             assert main.method_problems(e) == [], (path, entry)
-            assert e.retrained and Path(e.checkpoint).name.startswith("resnet18_")
+            if not path.name.startswith("audit"):  # audit.py trains its own gold standards
+                assert e.retrained and Path(e.checkpoint).name.startswith("resnet18_")
 
 
 def test_resume_refuses_flags_that_would_change_the_run(finished_run, tmp_path):
