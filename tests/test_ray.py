@@ -1,6 +1,6 @@
 """main.py --executor ray on a local two-worker Ray: the same numbers as the local executor run
 for run, a task that raises recorded while the others finish, an interrupted study that
-resumes (Ctrl-C prints the command), --save none and --save all.
+resumes (Ctrl-C prints the command), a worker killed mid-study, --save none and --save all.
 
 Ray starts once for the module (in this process, two CPUs); every main.py joins it with
 --ray-address, as it would join a cluster. One thread per worker and per local run, so the
@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,46 @@ def test_a_task_that_raises_is_recorded_while_the_others_finish(study):
     assert f"1 run(s) failed and are in no mean; python {ROOT / 'main.py'} --resume out/ray tries them again" in md
     assert md.strip().splitlines()[-1] in r.stdout
     assert "1/1 failed" in (run_dir / "summary.csv").read_text()
+
+
+def busy_workers():
+    """Processes of Ray workers running a task: Ray titles them ray::<class>.<method>."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Worker.run"):
+                pids.append(int(proc.name))
+        except OSError:  # a process that ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's worker processes in /proc")
+def test_a_killed_worker_loses_no_finished_run_and_the_study_completes(ckpts, ray_address, tmp_path):
+    (tmp_path / "good.json").write_text(json.dumps(experiments(ckpts)))
+    proc = start(tmp_path, "-L", "good.json", "--nexp", "3", "-NL", "--out", "out", "--name", "k",
+                 "--executor", "ray", "--ray-address", ray_address, "--cpus-per-run", "1", "--save", "none")
+    results = tmp_path / "out" / "k" / "results.jsonl"
+    try:
+        deadline, killed = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            busy = busy_workers()
+            if busy and results.exists() and results.read_text().count("\n") >= 1:
+                finished = results.read_text()
+                os.kill(busy[0], signal.SIGKILL)
+                killed = busy[0]
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert killed, "no worker was busy after the first run finished"
+    assert proc.returncode == 0, err
+    assert results.read_text().startswith(finished)  # nothing finished was lost or redone
+    rows = rows_of(tmp_path / "out" / "k")
+    assert set(rows) == {(i, k) for i in range(2) for k in range(3)}
+    assert not any(r.get("failed") for r in rows.values())
+    assert "worker lost" in err and "trying it once more" in err
+    assert not list((tmp_path / "out" / "k").rglob("*.pt"))  # --save none
 
 
 def test_resume_tries_failed_runs_again(tmp_path):
