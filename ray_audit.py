@@ -39,6 +39,7 @@ class Worker:
         self.datasets, self.models = {}, {}
 
     def ready(self):
+        """What it trains in: the driver names the reference models it saves by that."""
         return self.compute.precision
 
     def dataset(self, name):
