@@ -3,6 +3,7 @@
     python audit.py -L exp/audit_demo.json --models 32 -NL
     python audit.py -c checkpoints/resnet18_digits_base.pt -CF 3 -M rl -E 2 -LR 0.01 --models 16 -NL
     python audit.py --resume output/20261201-031500_audit_demo -NL
+    python audit.py -L exp/audit_demo.json --models 32 -NL --executor ray
 
 Population attacks (MIA-efficacy, loss-MIA) fit one classifier for all samples; these two
 look at each forget sample across many models, as Hayes et al. (2024, "Inexact unlearning
@@ -31,15 +32,20 @@ Every audit also scores the originals before unlearning ("no unlearning"): the b
 method must beat. Results go to output/<time>_<file>/: config.json, results.jsonl (one
 line per experiment, written as it ends; --resume skips those), audit.json, audit.md,
 samples.csv (per forget sample and experiment), epsilon.png and roc.png.
+
+With --executor ray each reference model to train and each unlearning run is a task on a Ray
+worker (ray_audit.py), with the local executor's numbers; this process alone reads and
+writes --models-dir and the audit folder either way.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +58,7 @@ import metrics
 from datasets import ForgetSpec
 from methods import METHODS
 from models import load_model_checkpoint, model_from_config
+from ray_executor import TaskFailed
 from train import Recipe, fit
 from utils import (Logger, UserError, add_precision_flag, announce_compute, atomic_write_text, check_writable, cli,
                    compute_for, default_precision, get_device, save_checkpoint, timestamp, unique_dir)
@@ -87,6 +94,7 @@ def build_parser():
     p.add_argument("--resume", default=None, help="an interrupted audit folder: audit the experiments "
                                                   "missing from its results")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
+    main.add_executor_flags(p, "each reference model to train and each unlearning run is a task on a Ray worker")
     return p
 
 
@@ -235,32 +243,58 @@ def model_key(recipe, compute, val_idx, train_idx, seed):
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16], what
 
 
+def train_reference(ds, compute, recipe, train_idx, val_idx, seed, label):
+    """A reference model trained with train.py's `fit`, and what its checkpoint records of the
+    training: the same whether it trained here or on a Ray worker."""
+    start = time.perf_counter()
+    model, stem, result = fit(ds, train_idx, val_idx, recipe, seed, compute, name=label, verbose=False)
+    return model, {"stem": stem, "metrics": {k: v for k, v in result.items() if k != "history"},
+                   "seconds": time.perf_counter() - start, "compute": compute.describe()}
+
+
 class Pool:
     """Trained models, looked up by what they were trained on, trained and saved when missing."""
 
     def __init__(self, folder, ds, compute, base_config):
         self.folder, self.ds, self.compute, self.base = Path(folder), ds, compute, base_config
-        self.seconds = []  # of each model trained here
+        self.seconds = []  # of each model trained for it
 
-    def get(self, recipe, train_idx, val_idx, seed, label):
+    def path(self, recipe, train_idx, seed):
+        """(the model's file, what it was trained on)."""
         key, what = model_key(recipe, self.compute, self.base["val_idx"], train_idx, seed)
-        path = self.folder / f"{recipe.model}_{self.base['dataset']}_{key}.pt"
+        return self.folder / f"{recipe.model}_{self.base['dataset']}_{key}.pt", what
+
+    def load(self, recipe, train_idx, seed):
+        """The model from the folder, or None when it has not been trained."""
+        path, what = self.path(recipe, train_idx, seed)
         if path.is_file():
             ckpt = load_model_checkpoint(path)
             if ckpt["config"].get("trained_on") == what:
-                model = model_from_config(ckpt["config"], self.ds.device)
-                model.load_state_dict(ckpt["state_dict"])
-                return model
-        start = time.perf_counter()
-        model, stem, result = fit(self.ds, train_idx, val_idx, recipe, seed, self.compute, name=label, verbose=False)
-        self.seconds.append(time.perf_counter() - start)
+                return self.model(ckpt["state_dict"])
+        return None
+
+    def model(self, state_dict):
+        model = model_from_config(self.base, self.ds.device)
+        model.load_state_dict(state_dict)
+        return model
+
+    def save(self, recipe, train_idx, seed, label, state_dict, trained):
+        """A model that `train_reference` trained, into the folder."""
+        path, what = self.path(recipe, train_idx, seed)
+        self.seconds.append(trained["seconds"])
         left_out = ~datasets.as_flags(self.base["val_idx"], self.base["n_train"])
         left_out[train_idx.cpu()] = False
-        config = dict(self.base, **asdict(recipe), seed=seed, stem=stem, method="audit reference", trained_on=what,
-                      metrics={k: v for k, v in result.items() if k != "history"}, audit_label=label,
+        config = dict(self.base, **asdict(recipe), seed=seed, stem=trained["stem"], method="audit reference",
+                      trained_on=what, metrics=trained["metrics"], audit_label=label,
                       forget=ForgetSpec().to_config(), forget_idx=torch.nonzero(left_out).flatten().tolist(),
-                      **self.compute.describe())
-        save_checkpoint(path, model.state_dict(), config)
+                      **trained["compute"])
+        save_checkpoint(path, state_dict, config)
+
+    def get(self, recipe, train_idx, val_idx, seed, label):
+        model = self.load(recipe, train_idx, seed)
+        if model is None:
+            model, trained = train_reference(self.ds, self.compute, recipe, train_idx, val_idx, seed, label)
+            self.save(recipe, train_idx, seed, label, model.state_dict(), trained)
         return model
 
 
@@ -275,34 +309,15 @@ def shadow_split(ds, split, is_in):
 
 # ---------------------------------------------------------------- one audit
 
-class Audit:
-    """The reference models of one checkpoint and forget set, their signals, and the audits on them."""
+class Scope:
+    """What every model of an audit is measured on (the audit's split of a dataset) and how
+    it is unlearned: the same here and on a Ray worker."""
 
-    def __init__(self, e, cfg, ds, compute, n, k, models_dir, per_sample, bar):
-        self.cfg, self.ds, self.compute, self.per_sample, self.bar = cfg, ds, compute, per_sample, bar
-        self.split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
-        self.forget = self.split.forget
-        self.pool = Pool(models_dir, ds, compute, cfg)
-        recipe, val = recipe_of(cfg), self.split.val
-        self.halves = shadow_halves(len(self.forget), k, SHADOW_SEED + e.seed)
-        self.golds = [self.pool.get(recipe, self.split.retain, val, GOLD_SEED + j, f"gold {j}")
-                      for j in self.counted(range(n), "reference models: gold standards")]
-        self.originals = [self.pool.get(recipe, self.split.train, val, ORIGINAL_SEED + j, f"original {j}")
-                          for j in self.counted(range(n), "reference models: originals")]
-        self.shadows = [self.pool.get(recipe, torch.cat([self.split.retain, self.forget[half]]).sort().values, val,
-                                      SHADOW_SEED + i, f"shadow {i}")
-                        for i, half in enumerate(self.counted(self.halves, "reference models: shadows"))]
-        self.gold_signals = [(self.phi(m), self.evaluate(m)) for m in self.golds]
-
-    def counted(self, items, what):
-        """Iterate over items, one step of the progress bar each."""
-        self.bar.set_description(what)
-        for item in items:
-            yield item
-            self.bar.update()
+    def __init__(self, ds, split, cfg, compute):
+        self.ds, self.split, self.cfg, self.compute = ds, split, cfg, compute
 
     def phi(self, model):
-        return metrics.predict(model, self.ds, self.forget, self.compute)["phi"].numpy()
+        return metrics.predict(model, self.ds, self.split.forget, self.compute)["phi"].numpy()
 
     def evaluate(self, model):
         """RA, TA, UA and MIA-efficacy on the audit's split."""
@@ -321,25 +336,103 @@ class Audit:
             return None
         return self.phi(model), result["metrics"]  # main.unlearn's metrics are on `split`: the audit's for targets
 
+
+@dataclass
+class Reference:
+    """A reference model of an audit: trained with the checkpoint's recipe on `train_idx` from `seed`."""
+    group: str  # for the progress bar: gold standards, originals or shadows
+    label: str  # "gold 3": kept in its checkpoint's config
+    train_idx: torch.Tensor
+    seed: int
+
+
+@dataclass
+class Unlearning:
+    """One unlearning run of an audited experiment: original or shadow j unlearned."""
+    kind: str  # original or shadow
+    j: int
+    run_seed: int
+    fresh_seed: int  # what a method that trains a new model (retrain) trains it from
+
+    @property
+    def label(self):
+        return f"{self.kind} {self.j}"
+
+    @property
+    def with_metrics(self):  # only the originals' unlearned models are scored on UA, RA, TA and MIA
+        return self.kind == "original"
+
+
+class Local:
+    """The audit's models trained and unlearned one after another in this process."""
+
+    def references(self, pool, recipe, val, references, bar):
+        """The models of `references`, from the pool or trained into it."""
+        models = []
+        for r in references:
+            bar.set_description(f"reference models: {r.group}")
+            models.append(pool.get(recipe, r.train_idx, val, r.seed, r.label))
+            bar.update()
+        return models
+
+    def unlearned(self, audit, e, name, runs, bar):
+        """Scope.unlearned's answer for each of `runs`."""
+        outs = []
+        for r in runs:
+            bar.set_description(f"{name}: unlearning {r.kind}s")
+            outs.append(audit.scope.unlearned(e, audit.base(r), audit.split_of(r), r.run_seed, r.fresh_seed,
+                                              r.with_metrics))
+            bar.update()
+        return outs
+
+    def close(self):
+        pass
+
+
+class Audit:
+    """The reference models of one checkpoint and forget set, their signals, and the audits on them."""
+
+    def __init__(self, e, cfg, ds, compute, n, k, models_dir, per_sample, executor, bar):
+        self.per_sample, self.executor, self.bar = per_sample, executor, bar
+        split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
+        self.scope, self.forget = Scope(ds, split, cfg, compute), split.forget
+        self.pool = Pool(models_dir, ds, compute, cfg)
+        self.halves = shadow_halves(len(self.forget), k, SHADOW_SEED + e.seed)
+        self.shadow_splits = [shadow_split(ds, split, half) for half in self.halves]
+        references = ([Reference("gold standards", f"gold {j}", split.retain, GOLD_SEED + j) for j in range(n)] +
+                      [Reference("originals", f"original {j}", split.train, ORIGINAL_SEED + j) for j in range(n)] +
+                      [Reference("shadows", f"shadow {i}", torch.cat([split.retain, self.forget[half]]).sort().values,
+                                 SHADOW_SEED + i) for i, half in enumerate(self.halves)])
+        models = executor.references(self.pool, recipe_of(cfg), split.val, references, bar)
+        self.golds, self.originals, self.shadows = models[:n], models[n:2 * n], models[2 * n:]
+        self.gold_signals = [(self.scope.phi(m), self.scope.evaluate(m)) for m in self.golds]
+
+    def base(self, run):
+        return (self.originals if run.kind == "original" else self.shadows)[run.j]
+
+    def split_of(self, run):
+        """An original forgets the audit's forget set; a shadow its in-half of it."""
+        return self.scope.split if run.kind == "original" else self.shadow_splits[run.j]
+
     def run(self, e, name):
         """Audit experiment e: its unlearned models, then both scores."""
         start = time.perf_counter()
-        targets = [self.unlearned(e, base, self.split, e.seed + j, FRESH_SEED + e.seed + j, True)
-                   for j, base in self.counted(list(enumerate(self.originals)), f"{name}: unlearning originals")]
-        shadows = [self.unlearned(e, base, shadow_split(self.ds, self.split, half), e.seed + MAX_MODELS + i,
-                                  FRESH_SHADOW_SEED + e.seed + i, False)
-                   for i, (base, half) in self.counted(list(enumerate(zip(self.shadows, self.halves))),
-                                                       f"{name}: unlearning shadows")]
-        if any(t is None for t in targets + shadows):
+        n = len(self.originals)
+        runs = ([Unlearning("original", j, e.seed + j, FRESH_SEED + e.seed + j) for j in range(n)] +
+                [Unlearning("shadow", i, e.seed + MAX_MODELS + i, FRESH_SHADOW_SEED + e.seed + i)
+                 for i in range(len(self.shadows))])
+        outs = self.executor.unlearned(self, e, name, runs, self.bar)
+        if any(out is None for out in outs):
             return {"diverged": True, "seconds": time.perf_counter() - start}
+        targets, shadows = outs[:n], outs[n:]
         return dict(self.score([t[0] for t in targets], [s[0] for s in shadows], [t[1] for t in targets]),
                     seconds=time.perf_counter() - start)
 
     def baseline(self):
         """The originals and shadows as trained: what no unlearning scores."""
         start = time.perf_counter()
-        targets = [(self.phi(m), self.evaluate(m)) for m in self.originals]
-        shadows = [self.phi(m) for m in self.shadows]
+        targets = [(self.scope.phi(m), self.scope.evaluate(m)) for m in self.originals]
+        shadows = [self.scope.phi(m) for m in self.shadows]
         return dict(self.score([t[0] for t in targets], shadows, [t[1] for t in targets]),
                     seconds=time.perf_counter() - start)
 
@@ -380,6 +473,10 @@ def check_counts(n, k):
                         f"each sample), got {k}")
 
 
+# What --resume may change: where the models compute and whether it logs, not what is audited.
+RESUME_MAY_CHANGE = ("--resume", "--device", "-NL", *main.EXECUTOR_FLAGS)
+
+
 def plan(args):
     """(experiments, config, run folder): everything checked before any training."""
     if args.resume:
@@ -387,10 +484,10 @@ def plan(args):
         if not (run_dir / "config.json").is_file():
             raise UserError(f"audit folder {run_dir} not found" if not run_dir.is_dir()
                             else f"{run_dir} is not an audit folder (no config.json)")
-        fixed = [f for f in args.changed if f not in ("--resume", "--device", "-NL")]
+        fixed = [f for f in args.changed if f not in RESUME_MAY_CHANGE]
         if fixed:
             raise UserError(f"--resume continues {run_dir} as it was configured; {', '.join(fixed)} would change "
-                            f"it (only --device and -NL may be given)")
+                            f"it (only --device, -NL and the executor flags may be given)")
         config = json.loads((run_dir / "config.json").read_text())
         check_writable(run_dir, "audit folder")
         experiments = main.resolve(config["experiments"], run_dir / "config.json", config["data_dir"])
@@ -508,10 +605,9 @@ def plot_rocs(path, rows):
     plt.close(fig)
 
 
-def run_audits(experiments, config, run_dir, args):
+def run_audits(experiments, config, run_dir, args, device):
     """Audit every experiment not yet in results.jsonl; rows in file order, each group of
     experiments on one checkpoint and forget set after its no-unlearning row."""
-    device = get_device(args.device)
     compute = compute_for(device, config["precision"])
     announce_compute(compute, config["precision"])
     results_path = run_dir / "results.jsonl"
@@ -522,26 +618,33 @@ def run_audits(experiments, config, run_dir, args):
     for i, e in enumerate(experiments):
         groups.setdefault(pool_key(e), []).append(i)
     logger = Logger(not args.no_log, "salun-deepdive", run_dir.name, config)
+    if args.executor == "ray":
+        import ray_audit  # Ray is imported only when asked for
+        executor = ray_audit.Executor(args, config["data_dir"], config["precision"], compute, 2 * n + k)
+    else:
+        executor = Local()
     ordered, seconds, loaded = [], [], {}
-    for members in groups.values():
-        e0 = experiments[members[0]]
-        cfg = load_model_checkpoint(e0.checkpoint)["config"]
-        if cfg["dataset"] not in loaded:
-            loaded[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], config["data_dir"], device)
-        todo = [i for i in members if i not in rows]
-        with tqdm(total=2 * n + k + len(todo) * (n + k), unit="model") as bar:
-            audit = Audit(e0, cfg, loaded[cfg["dataset"]], compute, n, k, config["models_dir"],
-                          config["per_sample_variance"], bar)
-            seconds += audit.pool.seconds
-            ordered.append(dict(audit.baseline(), experiment=f"no unlearning ({e0.spec.describe()})"))
-            for i in todo:
-                row = dict(audit.run(experiments[i], names[i]), experiment=names[i], index=i, run_id=config["run_id"])
-                with open(results_path, "a") as f:  # one line per experiment, flushed as it ends
-                    f.write(json.dumps(row) + "\n")
-                rows[i] = row
-                if not row.get("diverged"):
-                    logger.log({f"{names[i]}/{m}": row[m] for m in ("F", "score", "AUC", "TPR@1%FPR")})
-        ordered += [rows[i] for i in members]
+    with contextlib.closing(executor):
+        for members in groups.values():
+            e0 = experiments[members[0]]
+            cfg = load_model_checkpoint(e0.checkpoint)["config"]
+            if cfg["dataset"] not in loaded:
+                loaded[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], config["data_dir"], device)
+            todo = [i for i in members if i not in rows]
+            with tqdm(total=2 * n + k + len(todo) * (n + k), unit="model") as bar:
+                audit = Audit(e0, cfg, loaded[cfg["dataset"]], compute, n, k, config["models_dir"],
+                              config["per_sample_variance"], executor, bar)
+                seconds += audit.pool.seconds
+                ordered.append(dict(audit.baseline(), experiment=f"no unlearning ({e0.spec.describe()})"))
+                for i in todo:
+                    row = dict(audit.run(experiments[i], names[i]), experiment=names[i], index=i,
+                               run_id=config["run_id"])
+                    with open(results_path, "a") as f:  # one line per experiment, flushed as it ends
+                        f.write(json.dumps(row) + "\n")
+                    rows[i] = row
+                    if not row.get("diverged"):
+                        logger.log({f"{names[i]}/{m}": row[m] for m in ("F", "score", "AUC", "TPR@1%FPR")})
+            ordered += [rows[i] for i in members]
     logger.finish()
     reference = {"reference_models_trained": len(seconds),
                  "seconds_per_reference_model": float(np.mean(seconds)) if seconds else None}
@@ -551,13 +654,19 @@ def run_audits(experiments, config, run_dir, args):
 def main_(argv=None):
     args = parse_args(argv)
     start = time.time()
+    device = get_device(args.device)
+    main.check_executor(args, device)
     experiments, config, run_dir = plan(args)
+    kept = (f"finished experiments are in {run_dir / 'results.jsonl'}, reference models in "
+            f"{config['models_dir']}; continue with: python audit.py --resume {run_dir}")
     try:
-        rows, reference = run_audits(experiments, config, run_dir, args)
+        rows, reference = run_audits(experiments, config, run_dir, args, device)
     except KeyboardInterrupt:
-        print(f"finished experiments are in {run_dir / 'results.jsonl'}, reference models in "
-              f"{config['models_dir']}; continue with: python audit.py --resume {run_dir}", file=sys.stderr)
+        print(kept, file=sys.stderr)
         raise
+    except TaskFailed as err:  # an audit cannot be scored without every model
+        print(f"error: {err}; {kept}", file=sys.stderr)
+        sys.exit(1)
     text = write_outputs(run_dir, config, rows, reference)
     print(text)
     trained = reference["reference_models_trained"]

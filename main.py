@@ -624,6 +624,26 @@ def methods_help():
     return "\n".join(lines + ["python methods.py prints the table of methods, papers and settings."])
 
 
+EXECUTORS = ("local", "ray")
+EXECUTOR_FLAGS = ("--executor", "--ray-address", "--cpus-per-run", "--gpus-per-run")
+
+
+def add_executor_flags(p, tasks):
+    """--executor and the Ray flags, shared by main.py and audit.py; `tasks` says what becomes a Ray task."""
+    g = p.add_argument_group("executor (where the runs compute; results are the same)")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help=f"local: the runs one after another in this process; ray: {tasks} (default: %(default)s)")
+    g.add_argument("--ray-address", default=None,
+                   help="with --executor ray: auto or HOST:PORT joins a running Ray cluster (None: start Ray on "
+                        "this machine, on the loopback only)")
+    g.add_argument("--cpus-per-run", type=float, default=None,
+                   help="with --executor ray: CPUs each worker reserves, and its torch threads (None: 1 when the "
+                        "runs use GPUs, else the torch threads a local run uses, so the numbers are the same)")
+    g.add_argument("--gpus-per-run", type=float, default=None,
+                   help="with --executor ray: GPUs each worker reserves; fractions share a GPU, 0.25 packs four "
+                        "runs on one (None: 1 when --device is cuda, else 0)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Run unlearning experiments (SalUn and the methods it is compared "
                                             "with): each one --nexp times, mean ± std, against a gold standard.",
@@ -644,19 +664,7 @@ def parse_args(argv=None):
     p.add_argument("--save", choices=SAVE_CHOICES, default="last",
                    help="which unlearned models and masks are kept as .pt files: last: each experiment's last "
                         "run; none: no .pt file; all: every run's, as <experiment>_run<k>.pt (default: last)")
-    g = p.add_argument_group("executor (where the runs compute; results are the same)")
-    g.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="local: the runs one after another in this process; ray: each (experiment, run) is a "
-                        "task on a Ray worker (default: local)")
-    g.add_argument("--ray-address", default=None,
-                   help="with --executor ray: auto or HOST:PORT joins a running Ray cluster (None: start Ray on "
-                        "this machine, on the loopback only)")
-    g.add_argument("--cpus-per-run", type=float, default=None,
-                   help="with --executor ray: CPUs each worker reserves, and its torch threads (None: 1 when the "
-                        "runs use GPUs, else the torch threads a local run uses, so the numbers are the same)")
-    g.add_argument("--gpus-per-run", type=float, default=None,
-                   help="with --executor ray: GPUs each worker reserves; fractions share a GPU, 0.25 packs four "
-                        "runs on one (None: 1 when --device is cuda, else 0)")
+    add_executor_flags(p, "each (experiment, run) is a task on a Ray worker")
     args = p.parse_args(argv)
     args.changed = [a.option_strings[0] for a in p._actions  # as the user may have typed them
                     if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
@@ -691,8 +699,7 @@ def load_list(path):
 
 # What --resume may change: where it computes, whether it logs and which models it keeps,
 # not what it computes.
-RESUME_MAY_CHANGE = {"--resume", "--device", "-NL", "--save", "--executor", "--ray-address", "--cpus-per-run",
-                     "--gpus-per-run"}
+RESUME_MAY_CHANGE = {"--resume", "--device", "-NL", "--save", *EXECUTOR_FLAGS}
 
 
 def resume_plan(args):
@@ -761,13 +768,12 @@ def save_outputs(run_dir, name, e, ctx, model, mask, result):
 # ---------------------------------------------------------------- the run loop
 
 SAVE_CHOICES = ("last", "none", "all")
-EXECUTORS = ("local", "ray")
 
 
 def check_executor(args, device):
     """The executor flags, checked before anything is computed; fills in their defaults."""
     if args.executor != "ray":
-        given = [f for f in ("--ray-address", "--cpus-per-run", "--gpus-per-run") if f in args.changed]
+        given = [f for f in EXECUTOR_FLAGS[1:] if f in args.changed]
         if given:
             raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --executor ray only")
         return

@@ -14,7 +14,8 @@ storage the workers share. A task that raises, or whose worker is lost, is tried
 
 This is a module of its own rather than part of main.py because Ray finds the worker class
 on each worker by importing it by name; a class of the script run as __main__ would travel
-with all of that script's globals instead.
+with all of that script's globals instead. start_ray and Workers (the workers and the loop
+that runs tasks on them) serve audit.py's executor, ray_audit.py, too.
 """
 import collections
 import logging
@@ -129,7 +130,7 @@ def slots(ray, cpus, gpus, wanted):
 
 
 def start_workers(ray, actor, n, init):
-    """n started workers (with their pids); one that cannot start says so in one line."""
+    """n started workers (with what their ready() said); one that cannot start says so in one line."""
     pending = [actor.remote(*init) for _ in range(n)]
     started = {}
     for w in pending:
@@ -139,6 +140,59 @@ def start_workers(ray, actor, n, init):
             tqdm.write(f"ray: a worker could not start: {reason(ray, err)}", file=sys.stderr)
             ray.kill(w)
     return started
+
+
+class TaskFailed(Exception):
+    """A task that failed on every attempt, where the script cannot go on without its result."""
+
+
+class Workers:
+    """Long-lived workers, one per slot of `cpus` CPUs and `gpus` GPUs (at most `wanted`), each
+    an actor of `worker_class` started with `init`, and the loop that runs tasks on them."""
+
+    def __init__(self, ray, worker_class, cpus, gpus, init, wanted):
+        self.ray, self.init = ray, init
+        self.actor = ray.remote(worker_class).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
+        self.started = start_workers(ray, self.actor, slots(ray, cpus, gpus, wanted), init)
+        if not self.started:
+            raise UserError("no Ray worker could start (see above); every node needs this checkout, at the same "
+                            "path, and its requirements")
+        self.idle = list(self.started)
+
+    def run(self, tasks, submit, done, failed, describe, bar):
+        """Every task (an object with an `attempts` count) through `submit(worker, task)`, which
+        returns its Ray reference; `done(task, out)` or `failed(task, why)` as each one ends. A
+        task that raises or loses its worker is tried once more (a lost worker is replaced)."""
+        ray, tasks, running = self.ray, collections.deque(tasks), {}
+        while tasks or running:
+            while tasks and self.idle:
+                task, worker = tasks.popleft(), self.idle.pop()
+                running[submit(worker, task)] = (task, worker, time.perf_counter())
+            if not running:  # every worker is lost and none could be started again
+                for task in tasks:
+                    failed(task, "no Ray worker left to run it")
+                break
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                task, worker, _ = running.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    why = reason(ray, err)
+                    if isinstance(err, ray.exceptions.RayActorError):  # the process is gone: start another
+                        self.idle += list(start_workers(ray, self.actor, 1, self.init))
+                    else:
+                        self.idle.append(worker)
+                    task.attempts += 1
+                    if task.attempts <= RETRIES:
+                        tqdm.write(f"{describe(task)}: {why}; trying it once more", file=sys.stderr)
+                        tasks.appendleft(task)
+                    else:
+                        failed(task, why)
+                    continue
+                self.idle.append(worker)
+                done(task, out)
+            bar.set_postfix_str(slowest(running, describe), refresh=True)
 
 
 def run(experiments, todo, folder, precision, args):
@@ -153,58 +207,31 @@ def run(experiments, todo, folder, precision, args):
 
 def schedule(ray, experiments, todo, folder, precision, args):
     with_runs = {i for i, _ in todo}
-    tasks = collections.deque([Task(i, k) for i, k in todo] +
-                              [Task(i) for i in range(len(experiments)) if i not in with_runs])
-    cpus, gpus = args.cpus_per_run, args.gpus_per_run
-    actor = ray.remote(Worker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
-    init = (args.data_dir, "cuda" if gpus > 0 else "cpu", precision, max(1, int(cpus)), not args.no_log)
-    workers = start_workers(ray, actor, slots(ray, cpus, gpus, len(tasks)), init)
-    if not workers:
-        raise UserError("no Ray worker could start (see above); every node needs this checkout, at the same "
-                        "path, and its requirements")
-    idle, running, refs = list(workers), {}, {}
+    tasks = [Task(i, k) for i, k in todo] + [Task(i) for i in range(len(experiments)) if i not in with_runs]
+    init = (args.data_dir, "cuda" if args.gpus_per_run > 0 else "cpu", precision, max(1, int(args.cpus_per_run)),
+            not args.no_log)
+    workers = Workers(ray, Worker, args.cpus_per_run, args.gpus_per_run, init, len(tasks))
+    refs = {}
+
+    def done(task, out):
+        refs[task.i] = out["refs"]
+        if task.k is not None:
+            folder.record(task.i, task.k, out["result"], out["describe"],
+                          lambda _name: write_files(folder.run_dir, out["files"]))
+            bar.update()
+
+    def failed(task, why):
+        if task.k is not None:
+            folder.record_failure(task.i, task.k, experiments[task.i].seed + task.k, why, task.attempts)
+            bar.update()
+        else:
+            tqdm.write(f"{describe(task, folder)}: {why}; its base and gold rows are left out", file=sys.stderr)
+
     total = len(experiments) * folder.nexp
-    with tqdm(total=total, initial=total - len(todo), unit="run", desc=f"ray, {len(workers)} workers",
+    with tqdm(total=total, initial=total - len(todo), unit="run", desc=f"ray, {len(workers.started)} workers",
               dynamic_ncols=True) as bar:
-        while tasks or running:
-            while tasks and idle:
-                task, worker = tasks.popleft(), idle.pop()
-                running[submit(worker, task, experiments, folder)] = (task, worker, time.perf_counter())
-            if not running:  # every worker is lost and none could be started again
-                for task in tasks:
-                    if task.k is not None:
-                        folder.record_failure(task.i, task.k, experiments[task.i].seed + task.k,
-                                              "no Ray worker left to run it", task.attempts)
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                task, worker, _ = running.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    why = reason(ray, err)
-                    if isinstance(err, ray.exceptions.RayActorError):  # the process is gone: start another
-                        idle += list(start_workers(ray, actor, 1, init))
-                    else:
-                        idle.append(worker)
-                    task.attempts += 1
-                    if task.attempts <= RETRIES:
-                        tqdm.write(f"{describe(task, folder)}: {why}; trying it once more", file=sys.stderr)
-                        tasks.appendleft(task)
-                    elif task.k is not None:
-                        folder.record_failure(task.i, task.k, experiments[task.i].seed + task.k, why, task.attempts)
-                        bar.update()
-                    else:
-                        tqdm.write(f"{describe(task, folder)}: {why}; its base and gold rows are left out",
-                                   file=sys.stderr)
-                    continue
-                idle.append(worker)
-                refs[task.i] = out["refs"]
-                if task.k is not None:
-                    folder.record(task.i, task.k, out["result"], out["describe"],
-                                  lambda _name: write_files(folder.run_dir, out["files"]))
-                    bar.update()
-            bar.set_postfix_str(slowest(running, folder), refresh=True)
+        workers.run(tasks, lambda worker, task: submit(worker, task, experiments, folder), done, failed,
+                    lambda task: describe(task, folder), bar)
     return refs
 
 
@@ -221,12 +248,12 @@ def describe(task, folder):
     return f"{name} run {task.k}" if task.k is not None else f"{name} (reference metrics)"
 
 
-def slowest(running, folder):
+def slowest(running, describe):
     """The task that has been running longest, for the progress bar."""
     if not running:
         return ""
     task, _, started = min(running.values(), key=lambda v: v[2])
-    return f"slowest: {describe(task, folder)}, {time.perf_counter() - started:.0f} s"
+    return f"slowest: {describe(task)}, {time.perf_counter() - started:.0f} s"
 
 
 def write_files(run_dir, files):

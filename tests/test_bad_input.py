@@ -1,5 +1,5 @@
 """Bad input at every entry point, in one table: main.py (experiment files, flags,
-unsafe, damaged and old checkpoints, --resume), train.py, base_test.py and the
+unsafe, damaged and old checkpoints, --resume), train.py, base_test.py, audit.py and the
 latent-space scripts. Each case must end in one line on stderr, exit code 2, no
 traceback, and nothing written. Scripts run as subprocesses with the working directory
 in a temporary folder, on conftest's tiny digits checkpoints.
@@ -222,6 +222,10 @@ BAD_INPUT = [
          "retrain it with train.py"),
     case("base-test-itf-duplicates", "base_test.py", ("-c", "{base}", "--itf", IDX, *BASE_TEST),
          {"idx.json": [5, 5]}, "index 5 appears more than once"),
+    # audit.py (test_audit.py covers its own checks)
+    case("audit-cpus-per-run-without-ray", "audit.py", ("-c", "{base}", "-CF", "0", "--cpus-per-run", "1", "-NL",
+                                                        "--out", "{tmp}/out", "--models-dir", "{tmp}/pool"), {},
+         "--cpus-per-run is for --executor ray only"),
     # the latent-space scripts
     case("features-empty-folder", "feature_extraction.py", ("-D", "{tmp}/ck", "-S", "10", "--out", "{tmp}/feat"),
          {"ck": DIR}, "no checkpoints (*.pt) in {tmp}/ck"),

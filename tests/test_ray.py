@@ -1,6 +1,8 @@
 """main.py --executor ray on a local two-worker Ray: the same numbers as the local executor run
 for run, a task that raises recorded while the others finish, an interrupted study that
 resumes (Ctrl-C prints the command), a worker killed mid-study, --save none and --save all.
+audit.py --executor ray: the local audit's numbers and reference models, and a task that
+fails twice stops the audit.
 
 Ray starts once for the module (in this process, two CPUs); every main.py joins it with
 --ray-address, as it would join a cluster. One thread per worker and per local run, so the
@@ -54,8 +56,8 @@ def rows_of(run_dir):
     return {(r["experiment"], r["run"]): {k: v for k, v in r.items() if k not in ("rte_s", "run_id")} for r in rows}
 
 
-def start(tmp, *args):
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=tmp, text=True,
+def start(tmp, *args, script="main.py"):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=tmp, text=True,
                             env=dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", **FAST),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -210,3 +212,74 @@ def test_executor_flags_are_checked_before_anything_runs(ckpts, tmp_path, flags,
     with pytest.raises(utils.UserError, match=message.replace(".", r"\.")):
         main.main(["-c", str(ckpts["base"]), "-CF", "0", "-E", "1", "-NL", "--out", str(tmp_path / "out"), *flags])
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- audit.py
+
+def audit_experiments(base, failing=False):
+    """retrain (new models, trained on the workers) and rl with a mask (the base models sent to
+    them), or ga_small and, when asked, cf_k with a k that raises when the run starts."""
+    common = {"checkpoint": str(base), "class_to_forget": 3, "batch_size": 64, "epochs": 1}
+    if failing:
+        return [dict(common, method="ga_small", lr=0.05), dict(common, method="cf_k", method_args={"k": 100})]
+    return [dict(common, method="retrain", lr=0.2), dict(common, method="rl", lr=0.03, use_mask=True)]
+
+
+@pytest.fixture(scope="module")
+def audits(ray_address, tmp_path_factory):
+    """A 1-epoch test_resnet base model on digits audited with N = K = 2, locally and on Ray at
+    the same time, each with its own --models-dir; then, on Ray with the Ray run's models, a
+    list whose second experiment raises on every model."""
+    import train as train_script
+    d = tmp_path_factory.mktemp("audit_ray")
+    train_script.main(["--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "--batch-size", "64",
+                       "--lr", "0.2", "-NL", "--save-dir", str(d)])  # here: a process start costs more
+    base = d / "test_resnet_digits_base.pt"
+    (d / "exp.json").write_text(json.dumps(audit_experiments(base)))
+    (d / "failing.json").write_text(json.dumps(audit_experiments(base, failing=True)))
+    flags = ("-L", "exp.json", "--models", 2, "--shadows", 2, "--precision", "fp32", "-NL", "--out", "out")
+    procs = {"local": start(d, *flags, "--name", "local", "--models-dir", "pool_local", script="audit.py"),
+             "ray": start(d, *flags, "--name", "ray", "--models-dir", "pool_ray", "--executor", "ray",
+                          "--ray-address", ray_address, script="audit.py")}
+    done = {name: (p, *p.communicate(timeout=300)) for name, p in procs.items()}
+    for p, _, err in done.values():
+        assert p.returncode == 0, err
+    pool = sorted(p.name for p in (d / "pool_ray").iterdir())
+    failing = run("audit.py", "-L", "failing.json", "--models", 2, "--shadows", 2, "--precision", "fp32", "-NL",
+                  "--out", "out", "--name", "failing", "--models-dir", "pool_ray", "--executor", "ray",
+                  "--ray-address", ray_address, cwd=d)
+    return {"dir": d, "stdout": {name: out for name, (_, out, _) in done.items()},
+            "stderr": {name: err for name, (_, _, err) in done.items()}, "pool": pool, "failing": failing}
+
+
+def timeless(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_audit_on_ray_gives_the_local_numbers_and_saves_its_reference_models(audits):
+    d = audits["dir"]
+    local, on_ray = (json.loads((d / "out" / name / "audit.json").read_text()) for name in ("local", "ray"))
+    assert [r["experiment"] for r in on_ray["experiments"]][0] == "no unlearning (class 3)"
+    assert timeless(on_ray["experiments"]) == timeless(local["experiments"])  # F, score, AUC, TPRs, UA/RA/TA/MIA
+    assert on_ray["reference_models_trained"] == local["reference_models_trained"] == 6
+    assert "6 reference models trained" in audits["stdout"]["ray"]
+    assert audits["pool"] == sorted(p.name for p in (d / "pool_local").iterdir()) and len(audits["pool"]) == 6
+    for name in audits["pool"]:  # saved by the driver from the weights a worker sent back
+        a, b = (utils.load_checkpoint(d / pool / name) for pool in ("pool_local", "pool_ray"))
+        assert a["config"] == b["config"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k])
+                                                  for k in a["state_dict"])
+    assert "Traceback" not in audits["stderr"]["ray"]
+
+
+def test_an_audit_task_that_fails_twice_stops_the_audit_in_one_line(audits):
+    r, d = audits["failing"], audits["dir"]
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    finished, failing = names(d / "out" / "failing")
+    assert errors[0].startswith(f"error: {failing}: unlearning original ")
+    assert "failed (2 attempts): UserError: k=100, but ResNet has" in errors[0]
+    assert errors[0].endswith("continue with: python audit.py --resume out/failing")
+    rows = (d / "out" / "failing" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["experiment"] for line in rows] == [finished]  # kept
+    assert sorted(p.name for p in (d / "pool_ray").iterdir()) == audits["pool"]  # every model came from the pool
