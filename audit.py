@@ -89,7 +89,7 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
     add_precision_flag(p)
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR, help="where datasets are found")
-    p.add_argument("--out", default="output", help="parent folder of the run folder")
+    p.add_argument("--out", default="output", help="folder the script writes under: <out>/<time>_<file>/")
     p.add_argument("--name", default=None, help="run folder name; None: <time>_<experiment file>")
     p.add_argument("--resume", default=None, help="an interrupted audit folder: audit the experiments "
                                                   "missing from its results")
