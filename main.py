@@ -857,10 +857,12 @@ def run_local(experiments, todo, folder, compute, args):
     total = len(experiments) * folder.nexp
     with tqdm(total=total, initial=total - len(todo), unit="run", dynamic_ncols=True) as bar:
         for i, e in enumerate(experiments):
-            bar.set_description(folder.names[i])
+            runs = [k for j, k in todo if j == i]
+            if runs:  # a finished experiment only gives its reference metrics: no redraw
+                bar.set_description(folder.names[i])
             ctx = prepare(e, compute, cache)
             refs[i] = {"before": ctx.before, "gold": ctx.gold}
-            for k in [k for j, k in todo if j == i]:
+            for k in runs:
                 with tqdm(total=e.epochs, desc=f"  run {k + 1}/{folder.nexp}", unit="epoch", position=1,
                           leave=False, dynamic_ncols=True) as epochs:
                     def show(epoch, loss, m):

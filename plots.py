@@ -126,8 +126,10 @@ CURVES_PER_ROW = 10  # one colour each: more experiments wrap onto further rows 
 
 def plot_curves(path, table, results):
     """UA, RA and TA after every epoch of every experiment (mean over its finished runs),
-    from the history in results.jsonl; a row of panels per forget set and per ten
-    experiments, the gold standard's values dotted black."""
+    from the history in results.jsonl, starting at epoch 0 from the base model's values
+    (except for a method that trains a new model); a row of panels per forget set and per
+    ten experiments, the gold standard's values dotted black."""
+    from methods import METHODS
     experiments = [r for r in table if r["experiment"] not in REFERENCES]
     specs = list(dict.fromkeys(r["forget"] for r in experiments))
     groups = []
@@ -140,25 +142,28 @@ def plot_curves(path, table, results):
     fig, axes = plt.subplots(len(groups), 3, squeeze=False, figsize=(MAX_WIDTH_IN, 0.6 + 3.4 * len(groups)),
                              dpi=DPI, layout="constrained")
     for row_axes, (spec, rows) in zip(axes, groups):
-        gold = next((r for r in table if r["experiment"] == "gold standard" and r["forget"] == spec), None)
+        before, gold = (next((r for r in table if r["experiment"] == name and r["forget"] == spec), None)
+                        for name in REFERENCES)
         handles, longest = [], 1
         for j, r in enumerate(rows):
             runs = [x["history"] for x in results if x.get("name") == r["experiment"] and x.get("history")]
             if not runs:
                 continue
-            epochs = range(1, min(map(len, runs)) + 1)
+            epochs = list(range(1, min(map(len, runs)) + 1))
             longest = max(longest, len(epochs))
+            start = before if before and not METHODS[r["method"]].fresh_model else None
             style = {"color": cmap(j), "marker": "o", "markersize": 3, "linewidth": 1.2}
             for ax, k in zip(row_axes, ("UA", "RA", "TA")):
-                ax.plot(list(epochs), [np.mean([h[e - 1][k] for h in runs]) for e in epochs], **style)
+                values = [np.mean([h[e - 1][k] for h in runs]) for e in epochs]
+                ax.plot(([0] if start else []) + epochs, ([start[k][0]] if start else []) + values, **style)
             handles.append(Line2D([], [], label=r["experiment"], **style))
         for ax, (k, title) in zip(row_axes, PANELS[:3]):
             if gold and k in gold:
                 ax.axhline(gold[k][0], color="black", linestyle=":", linewidth=1.5)
             ax.set_title(f"forget {spec}: {title}", fontsize=9)
-            ax.set_xlabel("epoch", fontsize=9)
-            ax.set_xlim(0.5, longest + 0.5)
-            ax.set_xticks(range(1, longest + 1, max(1, longest // 10)))
+            ax.set_xlabel("epoch (0: the base model)", fontsize=9)
+            ax.set_xlim(-0.3, longest + 0.3)
+            ax.set_xticks(range(0, longest + 1, max(1, longest // 10)))
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=8)
         if gold:
