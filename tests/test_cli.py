@@ -38,7 +38,8 @@ def test_help_shows_every_default(script, helps):
         assert action.help, f"{script} {action.option_strings[-1]} has no help text"
         if action.default is None or action.default is False:
             continue
-        shown = f"{' '.join(action.help.split())} (default: {action.default})"
+        said = " ".join(action.help.split())
+        shown = said % {"default": action.default} if "%(default)" in said else f"{said} (default: {action.default})"
         assert shown in text, f"{script} {action.option_strings[-1]}: {shown!r} not in -h"
 
 
