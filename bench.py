@@ -55,7 +55,7 @@ SIZES = {
         "wasserstein_speedup": dict(points=500, dims=512, repeats=2),
         "tsne_speedup": dict(points=3000, dims=512, repeats=1),
         "rte_ratio": dict(train=None, repeats=3),
-        "ray_runs_ratio": dict(experiments=4, nexp=3, repeats=1),
+        "ray_runs_ratio": dict(experiments=4, nexp=6, repeats=1),
         "ray_gpu_packing": dict(experiments=4, nexp=4, repeats=1),
     },
     "quick": {
