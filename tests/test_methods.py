@@ -88,9 +88,11 @@ UNLEARNING = sorted(set(METHODS) - {"retrain"})  # retrain starts from a new mod
 # on class 0 from above 85% to below 10%. These are stronger than the
 # README's settings for ResNet-18: the fixture is smaller and forgets less easily with
 # some methods (cf_k's default k=2 and ssd's default alpha left it at 70-100%).
+# boundary_expanding at lr 0.1 left an fp32 fixture at 77-80% on an AVX-512 CPU; at 0.2 it
+# reached 0-4% there in fp32 and bf16 (seeds 0 and 1).
 EFFECTIVE = {"rl": (0.1, 2, {}), "rl_split": (0.1, 2, {}), "ga": (0.1, 2, {}), "ga_small": (0.05, 2, {}),
              "ft": (0.5, 3, {}), "neggrad_plus": (0.1, 2, {}), "scrub": (0.1, 2, {}), "l1_sparse": (0.5, 3, {}),
-             "bad_teacher": (0.1, 2, {}), "boundary_shrink": (0.1, 2, {}), "boundary_expanding": (0.1, 3, {}),
+             "bad_teacher": (0.1, 2, {}), "boundary_shrink": (0.1, 2, {}), "boundary_expanding": (0.2, 3, {}),
              "cf_k": (0.5, 3, {"k": 3}), "eu_k": (0.1, 2, {}), "ssd": (0.1, 1, {"alpha": 0.5, "lam": 0.1})}
 
 
