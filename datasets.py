@@ -69,7 +69,16 @@ class Dataset:
         # channels interleaved): long contiguous rows vectorise, a channel axis of 3 does not.
         self._scale = (1 / (255 * std)).repeat(self.img_size)
         self._shift = (-mean / std).repeat(self.img_size)
+        self._mean, self._std = mean[:, None, None], std[:, None, None]
         return self
+
+    def to_pixels(self, x):
+        """A normalised float batch back in [0, 1] pixel space (what attacks bound)."""
+        return x * self._std + self._mean
+
+    def from_pixels(self, pixels):
+        """A [0, 1] pixel batch, normalised as `prepare` does."""
+        return (pixels - self._mean) / self._std
 
     def prepare(self, x, gen=None, augment=False, channels_last=False):
         """uint8 batch -> normalised float batch, randomly cropped/flipped if `augment`."""

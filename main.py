@@ -69,6 +69,9 @@ class Experiment:
                              flags=("-R", "--retrained"))
     seed: int = setting(0, "first run's seed; run k uses seed + k", flags=("--seed",))
     batch_size: int = setting(64, "samples per step", "[1, inf)", flags=("--batch-size",))
+    freeze_bn: bool = setting(False, "keep BatchNorm running statistics as they were (BatchNorm in eval mode while "
+                                     "unlearning); by default they move, as in SalUn's code, mask or not",
+                              flags=("--freeze-bn",))
 
     @property
     def spec(self):
@@ -243,7 +246,8 @@ def experiment_names(experiments):
     many_checkpoints = len({e.checkpoint for e in experiments}) > 1
     names = []
     for i, (e, args) in enumerate(zip(experiments, given)):
-        parts = [e.method + (f"_mask{e.mask_thr:g}" if e.use_mask else ""), e.spec.describe()]
+        parts = [e.method + (f"_mask{e.mask_thr:g}" if e.use_mask else "") + ("_bnfrozen" if e.freeze_bn else ""),
+                 e.spec.describe()]
         parts += [f"{short}{getattr(e, k):g}" for k, short in varying]
         parts += [f"{k}{json.loads(v)}" for k, v in sorted(args - common)]
         if many_checkpoints:
@@ -385,7 +389,7 @@ def unlearn(e, ctx, seed, logger, on_epoch=None):
 def make_run(e, ctx, seed):
     device = ctx.ds.device
     return Run(ctx.ds, ctx.split, e.batch_size, make_generator(seed, device), ctx.compute, lr=e.lr, epochs=e.epochs,
-               new_model=lambda: model_from_config(ctx.base_config, device))
+               new_model=lambda: model_from_config(ctx.base_config, device), freeze_bn=e.freeze_bn)
 
 
 # ---------------------------------------------------------------- results
@@ -480,7 +484,7 @@ def do_nothing_line(table):
             f"(the do-nothing baseline: base row's avg_gap)")
 
 
-SETTING_KEYS = ("lr", "epochs", "batch_size", "seed", "checkpoint", "retrained")
+SETTING_KEYS = ("lr", "epochs", "batch_size", "seed", "freeze_bn", "checkpoint", "retrained")
 
 
 def settings_columns(e):

@@ -7,12 +7,14 @@
     for loss in method.unlearn(model, run, method.settings(msteps=1), mask):
         ...                                               # one iteration per epoch
 
-A method is a function registered with `@method(name, Settings, paper)`: it takes the
+A method is a function registered with `@method(name, Settings, paper, code)`: it takes the
 model, a `Run` (data, split, batch size, lr, epochs, generator, compute), its settings
 (a dataclass of `utils.setting` fields, checked up front by main.py) and the mask, and
 yields once per epoch (a one-shot method yields once). The epoch methods share
 `sgd_epochs` and `sgd_pass`; a method that needs more (a teacher, an extra class, a
-one-shot edit) does it in its own function.
+one-shot edit) does it in its own function. Each default is the authors' method as their
+code (`code`) runs it; a setting marked as a deviation switches away from it, and the
+table lists it.
 
 With a mask, only the kept entries move: after every step the other entries are put
 back bit for bit, so neither their gradients nor momentum nor weight decay can move
@@ -39,6 +41,7 @@ class Run:
     lr: float = 0.1  # SGD's (momentum 0.9, weight decay 5e-4); one-shot methods ignore it
     epochs: int = 1
     new_model: object = None  # () -> a newly initialised model of the same architecture
+    freeze_bn: bool = False  # BatchNorm layers in eval mode while unlearning: running statistics stay put
 
 
 # ---------------------------------------------------------------- the saliency mask
@@ -188,16 +191,24 @@ def step(opt, loss, mask):
         mask.restore()
 
 
-def sgd_pass(model, opt, run, idx, loss_fn, mask=None, frozen=(), sched=None):
+def train_mode(model, run):
+    """Train mode; with run.freeze_bn, BatchNorm layers stay in eval mode. A mask keeps
+    parameters in place, but BatchNorm's running statistics are buffers: in train mode
+    they follow the unlearning batches (as in SalUn's code) unless frozen."""
+    model.train()
+    if run.freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def sgd_pass(model, opt, run, idx, loss_fn, mask=None, sched=None):
     """One pass over idx; returns the mean loss, kept on the device.
 
     loss_fn(logits, x, y, i) -> scalar, where i are the batch's training indices.
-    `frozen` modules stay in eval mode, so their BatchNorm statistics do not move either;
     `sched`, a per-step learning-rate schedule, steps after every batch.
     """
-    model.train()
-    for m in frozen:
-        m.eval()
+    train_mode(model, run)
     total = torch.zeros((), device=run.ds.device)
     steps = 0
     for x, y, i in train_batches(run, idx):
@@ -226,10 +237,13 @@ def cross_entropy(logits, _x, y, _i):
     return F.cross_entropy(logits, y)
 
 
-def random_labels(run, y):
-    """A uniformly drawn label other than the true one."""
-    shift = torch.randint(1, run.ds.num_classes, y.shape, device=y.device, generator=run.gen)
-    return (y + shift) % run.ds.num_classes
+def random_labels(run, y, other_classes=False):
+    """Uniformly drawn labels: from all classes, the true one included (SalUn's code), or
+    with `other_classes` from the classes other than the true one."""
+    k = run.ds.num_classes
+    if not other_classes:
+        return torch.randint(0, k, y.shape, device=y.device, generator=run.gen)
+    return (y + torch.randint(1, k, y.shape, device=y.device, generator=run.gen)) % k
 
 
 def frozen_copy(model):
@@ -242,7 +256,7 @@ def frozen_copy(model):
 
 def distill_kl(student, teacher, temperature):
     """KL(teacher || student) of the temperature-softened outputs, times T^2 (Hinton et
-    al.), averaged over the batch: the distillation loss of SCRUB and Bad Teacher."""
+    al.), averaged over the batch: SCRUB's distillation loss (its code's DistillKL)."""
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher.float() / t, 1), log_target=True,
                     reduction="batchmean") * t * t
@@ -255,6 +269,7 @@ class Method:
     unlearn: object  # (model, run, settings, mask) -> iterator, one item (the loss or None) per epoch
     settings: type  # its settings dataclass
     paper: str
+    code: str = ""  # the authors' code this implementation follows
     fresh_model: bool = False  # starts from a newly initialised model (retraining)
 
     @property
@@ -270,38 +285,50 @@ class NoSettings:
 METHODS = {}
 
 
-def method(name, settings=NoSettings, paper="", fresh_model=False):
-    """Register an unlearning function under `name`."""
+def method(name, settings=NoSettings, paper="", code="", fresh_model=False):
+    """Register an unlearning function under `name`, with its paper and the authors' code."""
     def register(fn):
-        METHODS[name] = Method(fn, settings, paper, fresh_model)
+        METHODS[name] = Method(fn, settings, paper, code, fresh_model)
         return fn
     return register
 
 
 # ---------------------------------------------------------------- SalUn's own comparisons
 
-@method("rl", paper="random labels (Golatkar et al., CVPR 2020), one pass")
+@dataclass
+class RandomLabelSettings:
+    other_classes: bool = setting(False, "draw a forget sample's random label from the other classes only; "
+                                         "SalUn's code draws from all classes, the true one included", deviation=True)
+
+
+@method("rl", RandomLabelSettings, "random labels (Golatkar et al., CVPR 2020) as SalUn's code runs it for "
+                                   "CIFAR-100 (and for CIFAR-10 before April 2024)",
+        code="OPTML-Group/Unlearn-Saliency `unlearn/RL.py`")
 def rl(model, run, s, mask):
-    """One pass per epoch over forget and retain together, forget samples relabelled at random."""
+    """One pass per epoch over forget and retain together, shuffled, forget samples relabelled at random."""
     def loss(logits, x, y, i):
-        return F.cross_entropy(logits, torch.where(run.split.is_forget[i], random_labels(run, y), y))
+        return F.cross_entropy(logits, torch.where(run.split.is_forget[i], random_labels(run, y, s.other_classes), y))
     opt = make_optimizer(model, run.lr)
     return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.train, loss, mask))
 
 
-@method("rl_split", paper="SalUn (Fan et al., ICLR 2024)")
+@method("rl_split", RandomLabelSettings, "random labels as SalUn's code runs it for CIFAR-10 and SVHN "
+                                         "(Fan et al., ICLR 2024)",
+        code="OPTML-Group/Unlearn-Saliency `unlearn/RL.py`")
 def rl_split(model, run, s, mask):
     """Per epoch, a pass over the forget set with random labels, then a pass over retain."""
     opt = make_optimizer(model, run.lr)
 
     def epoch(k):
         forget = sgd_pass(model, opt, run, run.split.forget,
-                          lambda logits, x, y, i: F.cross_entropy(logits, random_labels(run, y)), mask)
+                          lambda logits, x, y, i: F.cross_entropy(logits, random_labels(run, y, s.other_classes)),
+                          mask)
         return (forget + sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask)) / 2
     return sgd_epochs(run, epoch)
 
 
-@method("ga", paper="gradient ascent (Thudi et al., EuroS&P 2022), with retain descent")
+@method("ga", paper="the original SalUn DeepDive README's own method (no paper implements it); "
+                     "SalUn's \"GA\" is ga_small", code="none")
 def ga(model, run, s, mask):
     """One pass over forget and retain: -CE on forget samples, +CE on retain; cosine-annealed lr."""
     def loss(logits, x, y, i):
@@ -311,7 +338,8 @@ def ga(model, run, s, mask):
     return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.train, loss, mask), opt, cosine_lr=True)
 
 
-@method("ga_small", paper="gradient ascent (Thudi et al., EuroS&P 2022)")
+@method("ga_small", paper="gradient ascent (Thudi et al., EuroS&P 2022): SalUn's and deepunlearn's \"GA\"",
+        code="OPTML-Group/Unlearn-Saliency `unlearn/GA.py`")
 def ga_small(model, run, s, mask):
     """Gradient ascent (-CE) on the forget set only."""
     opt = make_optimizer(model, run.lr)
@@ -319,14 +347,15 @@ def ga_small(model, run, s, mask):
                                               lambda logits, x, y, i: -F.cross_entropy(logits, y), mask))
 
 
-@method("ft", paper="fine-tuning (Warnecke et al., NDSS 2023)")
+@method("ft", paper="fine-tuning (Warnecke et al., NDSS 2023)", code="OPTML-Group/Unlearn-Saliency `unlearn/FT.py`")
 def ft(model, run, s, mask):
     """Fine-tune on the retain set."""
     opt = make_optimizer(model, run.lr)
     return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask))
 
 
-@method("retrain", paper="exact unlearning: the gold standard", fresh_model=True)
+@method("retrain", paper="exact unlearning: the gold standard",
+        code="OPTML-Group/Unlearn-Saliency `unlearn/retrain.py`", fresh_model=True)
 def retrain(model, run, s, mask):
     """Train a newly initialised model on the retain set."""
     return ft(model, run, s, mask)
@@ -336,16 +365,16 @@ def retrain(model, run, s, mask):
 
 @dataclass
 class NegGradPlusSettings:
-    alpha: float = setting(0.99, "weight of the retain loss; the forget loss is ascended with 1 - alpha", "(0, 1)")
+    alpha: float = setting(0.95, "weight of the retain loss; the forget loss is ascended with 1 - alpha", "(0, 1)")
 
 
-@method("neggrad_plus", NegGradPlusSettings, "NegGrad+ (Kurmanji et al., NeurIPS 2023)")
+@method("neggrad_plus", NegGradPlusSettings, "NegGrad+ (Kurmanji et al., NeurIPS 2023)", code="meghdadk/SCRUB")
 def neggrad_plus(model, run, s, mask):
     """Each step descends alpha·CE on a retain batch and ascends (1 - alpha)·CE on a forget batch."""
     opt = make_optimizer(model, run.lr)
 
     def epoch(k):
-        model.train()
+        train_mode(model, run)
         total, steps = torch.zeros((), device=run.ds.device), 0
         for (xr, yr, _), (xf, yf, _) in zip(train_batches(run, run.split.retain), endless(run, run.split.forget)):
             with run.compute.autocast():
@@ -373,7 +402,7 @@ class ScrubSettings:
     temperature: float = setting(4.0, "distillation temperature", "(0, inf)")
 
 
-@method("scrub", ScrubSettings, "SCRUB (Kurmanji et al., NeurIPS 2023)")
+@method("scrub", ScrubSettings, "SCRUB (Kurmanji et al., NeurIPS 2023)", code="meghdadk/SCRUB")
 def scrub(model, run, s, mask):
     """The model is a student of a frozen copy of itself: max-steps move it away from the
     teacher on the forget set (first `msteps` epochs), min-steps keep it close on retain
@@ -414,7 +443,8 @@ def importances(model, run, idx):
     return {name: t / max(n, 1) for name, t in total.items()}
 
 
-@method("ssd", SSDSettings, "Selective Synaptic Dampening (Foster et al., AAAI 2024)")
+@method("ssd", SSDSettings, "Selective Synaptic Dampening (Foster et al., AAAI 2024)",
+        code="if-loops/selective-synaptic-dampening")
 def ssd(model, run, s, mask):
     """One shot, no training: the parameters far more important to the forget set than to
     the training set (Fisher importances) are scaled down. lr and epochs are unused."""
@@ -438,7 +468,8 @@ class L1SparseSettings:
                            "[0, inf)")
 
 
-@method("l1_sparse", L1SparseSettings, "l1-sparse unlearning (Jia et al., NeurIPS 2023)")
+@method("l1_sparse", L1SparseSettings, "l1-sparse unlearning (Jia et al., NeurIPS 2023)",
+        code="OPTML-Group/Unlearn-Sparse")
 def l1_sparse(model, run, s, mask):
     """Fine-tune on retain with an L1 penalty on all weights whose strength decays linearly to zero."""
     opt = make_optimizer(model, run.lr)
@@ -454,52 +485,84 @@ def l1_sparse(model, run, s, mask):
 
 @dataclass
 class BadTeacherSettings:
-    retain_fraction: float = setting(0.3, "share of the retain set, drawn anew each epoch, distilled from the "
-                                          "original model alongside the forget set", "(0, 1]")
+    retain_fraction: float = setting(0.3, "share of the retain set, drawn once, distilled from the original model "
+                                          "alongside the forget set", "(0, 1]")
     temperature: float = setting(1.0, "distillation temperature", "(0, inf)")
+    redraw_retain: bool = setting(False, "draw the retain share anew every epoch (the authors draw it once)",
+                                  deviation=True)
+    sgd: bool = setting(False, "use the toolkit's SGD (momentum 0.9, weight decay 5e-4) instead of the authors' "
+                               "Adam (which they run at lr 1e-4)", deviation=True)
 
 
-@method("bad_teacher", BadTeacherSettings, "Bad Teacher (Chundawat et al., AAAI 2023)")
+@method("bad_teacher", BadTeacherSettings, "Bad Teacher (Chundawat et al., AAAI 2023)",
+        code="vikram2000b/bad-teaching-unlearning")
 def bad_teacher(model, run, s, mask):
     """The model distils from the original model on retain samples and from a randomly
-    initialised model on forget samples."""
+    initialised model on forget samples, with Adam (use lr 1e-4, the authors')."""
     good, bad = frozen_copy(model), frozen_copy(run.new_model())
-    opt = make_optimizer(model, run.lr)
+    opt = make_optimizer(model, run.lr) if s.sgd else torch.optim.Adam(model.parameters(), lr=run.lr)
 
     def loss(logits, x, y, i):
         with torch.no_grad(), run.compute.autocast():
-            teacher = torch.where(run.split.is_forget[i][:, None], bad(x), good(x))
-        return distill_kl(logits, teacher, s.temperature)
+            teacher = torch.where(run.split.is_forget[i][:, None], bad(x), good(x)).float()
+        # The authors' F.kl_div with its default reduction, "mean": over batch x classes, no T^2.
+        return F.kl_div(F.log_softmax(logits / s.temperature, 1), F.softmax(teacher / s.temperature, 1),
+                        reduction="sum") / logits.numel()
 
-    def epoch(k):
+    def retain_share():
         retain = run.split.retain
         drawn = torch.randperm(len(retain), generator=run.gen, device=run.gen.device).to(retain.device)
-        part = retain[drawn[:math.ceil(s.retain_fraction * len(retain))]]
+        return retain[drawn[:math.ceil(s.retain_fraction * len(retain))]]
+
+    part = retain_share()
+
+    def epoch(k):
+        nonlocal part
+        if s.redraw_retain and k:
+            part = retain_share()
         return sgd_pass(model, opt, run, torch.cat([run.split.forget, part]), loss, mask)
     return sgd_epochs(run, epoch)
 
 
 @dataclass
 class BoundaryShrinkSettings:
-    eps: float = setting(0.1, "FGSM step, in the model's (normalised) input space", "(0, inf)")
+    eps: float = setting(0.1, "FGSM step in [0, 1] pixel space; the perturbed image is clipped to [0, 1] and "
+                              "rounded to 1/255", "(0, inf)")
+    exclude_own_class: bool = setting(False, "never relabel a sample with its own class (the authors' code keeps "
+                                             "the true label when the attack fails)", deviation=True)
+    normalised_space: bool = setting(False, "take the step in the model's normalised input space, without "
+                                            "clipping or rounding", deviation=True)
 
 
-@method("boundary_shrink", BoundaryShrinkSettings, "Boundary Shrink (Chen et al., CVPR 2023)")
+def fgsm(model, ds, x, y, eps, compute, normalised_space=False):
+    """One FGSM step on normalised batch x against `model`, returned normalised: in [0, 1]
+    pixel space, clipped and rounded to whole 1/255 levels as the authors' code does.
+    The pixel gradient's sign is the normalised one's (a positive per-channel scale)."""
+    x = x.detach().requires_grad_(True)
+    with compute.autocast():
+        ce = F.cross_entropy(model(x).float(), y)
+    (grad,) = torch.autograd.grad(ce, x)
+    if normalised_space:
+        return (x + eps * grad.sign()).detach()
+    pixels = (ds.to_pixels(x.detach()) + eps * grad.sign()).clamp(0, 1)
+    return ds.from_pixels(torch.round(pixels * 255) / 255)
+
+
+@method("boundary_shrink", BoundaryShrinkSettings, "Boundary Shrink (Chen et al., CVPR 2023)",
+        code="the authors' Boundary-Unlearning-Code; OPTML-Group/Unlearn-Saliency `unlearn/boundary_sh.py`")
 def boundary_shrink(model, run, s, mask):
-    """Each forget sample is relabelled with the class that a one-step FGSM perturbation of
-    it is predicted as by the original model (never its own class), and the model is
-    fine-tuned on the forget set with those labels."""
+    """Each forget sample is relabelled with the class the original model predicts for a
+    one-step FGSM perturbation of it (its nearest-but-wrong class, or its own when the
+    attack fails), and the model is fine-tuned on the forget set with those labels."""
     original = frozen_copy(model)
     opt = make_optimizer(model, run.lr)
 
     def loss(logits, x, y, i):
-        x = x.detach().requires_grad_(True)
-        with run.compute.autocast():
-            ce = F.cross_entropy(original(x).float(), y)
-        (grad,) = torch.autograd.grad(ce, x)
+        adv = fgsm(original, run.ds, x, y, s.eps, run.compute, s.normalised_space)
         with torch.no_grad(), run.compute.autocast():
-            neighbour = original(x + s.eps * grad.sign()).float()
-        neighbour.scatter_(1, y[:, None], float("-inf"))
+            neighbour = original(adv).float()
+        if s.exclude_own_class:
+            neighbour.scatter_(1, y[:, None], float("-inf"))
         return F.cross_entropy(logits, neighbour.argmax(1))
     return sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.forget, loss, mask))
 
@@ -525,7 +588,8 @@ def classifier_name(model):
     return name
 
 
-@method("boundary_expanding", paper="Boundary Expanding (Chen et al., CVPR 2023)")
+@method("boundary_expanding", paper="Boundary Expanding (Chen et al., CVPR 2023)",
+        code="the authors' Boundary-Unlearning-Code; OPTML-Group/Unlearn-Saliency `unlearn/boundary_ex.py`")
 def boundary_expanding(model, run, s, mask):
     """A temporary extra output class absorbs the forget samples during fine-tuning on
     them; it is removed afterwards. Its weights are outside the mask: they are free."""
@@ -544,68 +608,116 @@ def boundary_expanding(model, run, s, mask):
 
 
 @dataclass
-class LastStagesSettings:
-    k: int = setting(2, "how many of the model's last stages (its top-level modules with weights: for a "
-                        "ResNet, fc is the last and layer4 the one before) are trained", "[1, inf)")
+class LastLayersSettings:
+    k: int = setting(2, "how many of the model's last Conv/Linear layers, counted from the output, are trained "
+                        "(Goel et al.); BatchNorm layers among them train too", "[1, inf)")
+    stages: bool = setting(False, "count k in top-level stages with weights instead (for a ResNet, fc is the "
+                                  "last and layer4 the one before), deepunlearn's block variant", deviation=True)
 
 
-def split_stages(model, k):
-    """(names of the frozen stages, names of the last k stages): top-level modules with weights."""
-    names = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
-    if k >= len(names):
-        raise UserError(f"k={k}, but {type(model).__name__} has {len(names)} stages with weights "
-                         f"({', '.join(names)}); k must leave at least one frozen")
-    return names[:-k], names[-k:]
+LAYER_TYPES = (torch.nn.Conv2d, torch.nn.Linear)
 
 
-def train_last_stages(model, run, frozen, mask):
-    """Train the stages not in `frozen` on retain; the frozen ones do not move at all."""
-    frozen_modules = [model.get_submodule(n) for n in frozen]
-    held = [p for m in frozen_modules for p in m.parameters() if p.requires_grad]
+def last_layers(model, s):
+    """(names of the modules to train, names of the Conv/Linear layers among them).
+
+    Goel et al.'s count: the Conv2d, BatchNorm and Linear modules in definition order, walked
+    back from the output; every one passed trains, and the walk stops at the k-th Conv/Linear.
+    With `s.stages`, the last k top-level modules with weights, whole."""
+    if s.stages:
+        stages = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+        if s.k >= len(stages):
+            raise UserError(f"k={s.k}, but {type(model).__name__} has {len(stages)} stages with weights "
+                            f"({', '.join(stages)}); k must leave at least one frozen")
+        tail = [f"{stage}.{n}" if n else stage for stage in stages[-s.k:]
+                for n, m in model.get_submodule(stage).named_modules()]
+    else:
+        found = [n for n, m in model.named_modules()
+                 if isinstance(m, LAYER_TYPES + (torch.nn.modules.batchnorm._BatchNorm,))]
+        count = sum(isinstance(model.get_submodule(n), LAYER_TYPES) for n in found)
+        if s.k >= count:
+            raise UserError(f"k={s.k}, but {type(model).__name__} has {count} Conv/Linear layers; "
+                            f"k must leave at least one frozen")
+        tail, seen = [], 0
+        for n in reversed(found):
+            tail.append(n)
+            seen += isinstance(model.get_submodule(n), LAYER_TYPES)
+            if seen == s.k:
+                break
+    return tail, [n for n in tail if isinstance(model.get_submodule(n), LAYER_TYPES)]
+
+
+def train_last_layers(model, run, trained, mask):
+    """Train the parameters of the modules named in `trained` on retain; no other parameter
+    moves. The whole model is in train mode, as in the authors' code, so BatchNorm
+    statistics move everywhere unless the experiment freezes them."""
+    owned = {id(p) for n in trained for p in model.get_submodule(n).parameters(recurse=False)}
+    held = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
     for p in held:
         p.requires_grad_(False)  # no gradient computed for them: cheaper, and nothing can move them
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], run.lr)
     try:
-        yield from sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask,
-                                                      frozen=frozen_modules))
+        yield from sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.retain, cross_entropy, mask))
     finally:
         for p in held:
             p.requires_grad_(True)
 
 
-@method("cf_k", LastStagesSettings, "CF-k, catastrophic forgetting of the last k layers (Goel et al., 2022)")
+@method("cf_k", LastLayersSettings, "CF-k, catastrophic forgetting of the last k layers (Goel et al., 2022)",
+        code="shash42/Evaluating-Inexact-Unlearning (`resetFinalResnet`)")
 def cf_k(model, run, s, mask):
-    """Fine-tune only the last k stages on retain; the others stay frozen."""
-    frozen, _ = split_stages(model, s.k)
-    return train_last_stages(model, run, frozen, mask)
+    """Fine-tune only the last k layers on retain; the others stay frozen."""
+    trained, _ = last_layers(model, s)
+    return train_last_layers(model, run, trained, mask)
 
 
-@method("eu_k", LastStagesSettings, "EU-k, exact unlearning of the last k layers (Goel et al., 2022)")
+@dataclass
+class ExactLastLayersSettings(LastLayersSettings):
+    model_init: bool = setting(False, "re-initialise with the architecture's own initialisation (a newly "
+                                      "created model's values) instead of the authors' Kaiming normal", deviation=True)
+
+
+def kaiming_reinit(layer, gen):
+    """Goel et al.'s re-initialisation: Kaiming normal weights (fan in, ReLU gain), zero bias."""
+    w = layer.weight
+    new = {"weight": torch.randn(w.shape, generator=gen, device=gen.device).to(w) * math.sqrt(2.0 / w[0].numel())}
+    if layer.bias is not None:
+        new["bias"] = torch.zeros_like(layer.bias)
+    return new
+
+
+@method("eu_k", ExactLastLayersSettings, "EU-k, exact unlearning of the last k layers (Goel et al., 2022)",
+        code="shash42/Evaluating-Inexact-Unlearning (`resetFinalResnet`, `_reinit`)")
 def eu_k(model, run, s, mask):
-    """Re-initialise the last k stages and train them on retain; the others stay frozen.
-    With a mask, only the kept entries are re-initialised."""
-    frozen, last = split_stages(model, s.k)
-    fresh = run.new_model()
+    """Re-initialise the last k Conv/Linear layers and train the last k layers on retain;
+    the others stay frozen. BatchNorm layers are not reset. With a mask, only the kept
+    entries are re-initialised."""
+    trained, layers = last_layers(model, s)
+    fresh = run.new_model() if s.model_init else None
     with torch.no_grad():
-        for stage in last:
-            new = dict(fresh.get_submodule(stage).named_parameters())
-            for name, p in model.get_submodule(stage).named_parameters():
-                keep = mask.keep.get(f"{stage}.{name}") if mask is not None else None
-                p.copy_(new[name] if keep is None else torch.where(keep, new[name], p))
-            new_buffers = dict(fresh.get_submodule(stage).named_buffers())
-            for name, b in model.get_submodule(stage).named_buffers():
-                b.copy_(new_buffers[name])
-    yield from train_last_stages(model, run, frozen, mask)
+        for name in layers:
+            layer = model.get_submodule(name)
+            new = (dict(fresh.get_submodule(name).named_parameters(recurse=False)) if fresh is not None
+                   else kaiming_reinit(layer, run.gen))
+            for pname, p in layer.named_parameters(recurse=False):
+                keep = mask.keep.get(f"{name}.{pname}") if mask is not None else None
+                p.copy_(new[pname] if keep is None else torch.where(keep, new[pname].to(p), p))
+    yield from train_last_layers(model, run, trained, mask)
 
 
 # ---------------------------------------------------------------- the table
 
 def method_table():
-    """The Markdown table of every method: paper, what it does, its settings with defaults."""
-    rows = ["| method | paper | what it does | settings (default) |", "|---|---|---|---|"]
+    """The Markdown table of every method: paper, the authors' code it follows, what it
+    does, its settings with defaults, and the opt-in deviations from the published method."""
+    rows = ["| method | paper | authors' code | what it does | settings (default) | deviations (opt-in) |",
+            "|---|---|---|---|---|---|"]
     for name, m in METHODS.items():
-        settings = "<br>".join(f"`{f.name}`: {describe_setting(f)}" for f in fields(m.settings)) or "-"
-        rows.append(f"| `{name}` | {m.paper} | {m.summary} | {settings} |")
+        own = [f for f in fields(m.settings) if not f.metadata.get("deviation")]
+        deviations = [f for f in fields(m.settings) if f.metadata.get("deviation")]
+        settings = "<br>".join(f"`{f.name}`: {describe_setting(f)}" for f in own) or "-"
+        switches = "<br>".join(f"`{f.name}=true`: {f.metadata['doc']}" for f in deviations) or "none"
+        rows.append(f"| `{name}` | {m.paper} | {m.code} | {m.summary} | {settings} | {switches} |")
     return "\n".join(rows)
 
 

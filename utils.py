@@ -168,12 +168,13 @@ def mean_std(values):
 
 # ---------------------------------------------------------------- settings
 
-def setting(default, doc, interval=None, flags=()):
+def setting(default, doc, interval=None, flags=(), deviation=False):
     """A documented dataclass field, the one place a setting is defined: its type is the
     field's annotation, `interval` ("(0, 1]", "[1, inf)") bounds a number, `flags` are
-    its command-line spellings. A default of None means "not given"; a dict default is
-    copied per instance."""
-    meta = {"doc": doc, "interval": interval, "flags": tuple(flags)}
+    its command-line spellings, `deviation` marks a switch away from the published method
+    (off by default; the fidelity table lists it). A default of None means "not given"; a
+    dict default is copied per instance."""
+    meta = {"doc": doc, "interval": interval, "flags": tuple(flags), "deviation": deviation}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)

@@ -89,10 +89,13 @@ UNLEARNING = sorted(set(METHODS) - {"retrain"})  # retrain starts from a new mod
 # README's settings for ResNet-18: the fixture is smaller and forgets less easily with
 # some methods (cf_k's default k=2 and ssd's default alpha left it at 70-100%).
 # boundary_expanding at lr 0.1 left an fp32 fixture at 77-80% on an AVX-512 CPU; at 0.2 it
-# reached 0-4% there in fp32 and bf16 (seeds 0 and 1).
+# reached 0-4% there in fp32 and bf16 (seeds 0 and 1). bad_teacher runs Adam, as its authors.
+# boundary_shrink keeps a sample's own label where its FGSM step fails, as its authors: at eps
+# 0.1 about half the digits forget set kept class 0; at eps 0.3, lr 0.03 fixtures trained in
+# fp32 and bf16 went to 0-7% in both precisions.
 EFFECTIVE = {"rl": (0.1, 2, {}), "rl_split": (0.1, 2, {}), "ga": (0.1, 2, {}), "ga_small": (0.05, 2, {}),
              "ft": (0.5, 3, {}), "neggrad_plus": (0.1, 2, {}), "scrub": (0.1, 2, {}), "l1_sparse": (0.5, 3, {}),
-             "bad_teacher": (0.1, 2, {}), "boundary_shrink": (0.1, 2, {}), "boundary_expanding": (0.2, 3, {}),
+             "bad_teacher": (0.001, 2, {}), "boundary_shrink": (0.03, 2, {"eps": 0.3}), "boundary_expanding": (0.2, 3, {}),
              "cf_k": (0.5, 3, {"k": 3}), "eu_k": (0.1, 2, {}), "ssd": (0.1, 1, {"alpha": 0.5, "lam": 0.1})}
 
 
@@ -130,14 +133,6 @@ def test_each_method_lowers_forget_accuracy(ckpts, digits, method):
     assert forget_acc() < 50, method
 
 
-def test_random_labels_never_keep_the_true_label(digits):
-    from methods import random_labels
-    run = tiny_run(digits, make_split(digits, ForgetSpec(class_to_forget=0)))
-    y = torch.randint(0, 10, (5000,))
-    z = random_labels(run, y)
-    assert (z != y).all() and set(z.tolist()) == set(range(10))
-
-
 def test_forget_membership_is_a_lookup_table(digits):
     split = make_split(digits, ForgetSpec(unlearning_rate=0.1), seed=3)
     assert split.is_forget.dtype == torch.bool and split.is_forget.shape == digits.y_train.shape
@@ -146,9 +141,11 @@ def test_forget_membership_is_a_lookup_table(digits):
 
 def test_every_method_documents_its_settings():
     for name, m in METHODS.items():
-        assert m.summary and m.paper, name
+        assert m.summary and m.paper and m.code, name
         for f in fields(m.settings):
             assert f.metadata["doc"] and f.type in (int, float, bool, str), (name, f.name)
             assert value_problem(f, f.default) is None, (name, f.name)  # the default is in range
+            if f.metadata["deviation"]:  # the published method by default; a deviation is opt-in
+                assert f.type is bool and f.default is False, (name, f.name)
     assert METHODS["retrain"].fresh_model
     assert datasets.DATASETS.keys() >= {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "digits"}
