@@ -58,7 +58,8 @@ class Experiment:
                                   flags=("-IF", "--itf", "--idxs-to-forget"))
     use_mask: bool = setting(False, "update only the salient weights (SalUn's mask)", flags=("-UM", "--use-mask"))
     mask_thr: float = setting(0.5, "fraction of all weights the mask keeps", "(0, 1]", flags=("-MT", "--mask-thr"))
-    lr: float = setting(0.1, "SGD learning rate (momentum 0.9, weight decay 5e-4)", "(0, inf)", flags=("-LR", "--lr"))
+    lr: float = setting(0.1, "learning rate of the method's optimizer (SGD with momentum 0.9, weight decay 5e-4; "
+                                 "Adam for bad_teacher)", "(0, inf)", flags=("-LR", "--lr"))
     epochs: int = setting(10, "unlearning epochs", "[1, inf)", flags=("-E", "--epochs"))
     method: str = setting("rl_split", "the unlearning method: " + ", ".join(METHODS), flags=("-M", "--method"))
     method_args: dict = setting({}, "the method's own settings (see the README's method table)",
