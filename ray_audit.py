@@ -4,10 +4,11 @@
     python audit.py -L exp/audit_demo.json --models 32 -NL --executor ray --gpus-per-run 0.25
 
 The reference models missing from --models-dir are trained all at once, one task each; then
-each audited experiment's unlearning runs (one per original, one per shadow) are one task
-each. One worker (a Ray actor) per slot keeps the datasets it loaded from one task to the
-next. Base models and splits go to the workers through Ray's object store, put there once
-per audit; trained models come back as state dicts, which this process alone saves: neither
+each audited experiment's unlearning runs (N of the originals: the checkpoint N times, or
+each of N trained originals once; one per shadow) are one task each. One worker (a Ray
+actor) per slot keeps the datasets it loaded from one task to the next. Base models and
+splits go to the workers through Ray's object store, each put there once per audit (the one
+original once for its N runs); trained models come back as state dicts, which this process alone saves: neither
 --models-dir nor the audit folder need be on storage the workers share. A task that raises
 or loses its worker is tried once more (ray_executor.Workers); since an audit cannot be
 scored without every model, one that fails again stops it (ray_executor.TaskFailed).
@@ -157,8 +158,8 @@ class Executor:
         def submit(worker, task):
             r = runs[task.i]
             split = audit_split if r.kind == "original" else \
-                self.put(("split", r.kind, r.j), lambda: cpu_split(audit.split_of(r)))
-            base = None if fresh else self.put(("base", r.kind, r.j), lambda: cpu_state(audit.base(r)))
+                self.put(("split", r.kind, r.base), lambda: cpu_split(audit.split_of(r)))
+            base = None if fresh else self.put(("base", r.kind, r.base), lambda: cpu_state(audit.base(r)))
             return worker.unlearn.remote(experiment, cfg, audit_split, split, base, r.run_seed, r.fresh_seed,
                                          r.with_metrics)
 

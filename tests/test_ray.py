@@ -227,9 +227,9 @@ def audit_experiments(base, failing=False):
 
 @pytest.fixture(scope="module")
 def audits(ray_address, tmp_path_factory):
-    """A 1-epoch test_resnet base model on digits audited with N = K = 2, locally and on Ray at
-    the same time, each with its own --models-dir; then, on Ray with the Ray run's models, a
-    list whose second experiment raises on every model."""
+    """A 1-epoch test_resnet base model on digits audited with N = 3 and K = 4 (the fewest each
+    score allows), locally and on Ray at the same time, each with its own --models-dir; then,
+    on Ray with the Ray run's models, a list whose second experiment raises on every model."""
     import train as train_script
     d = tmp_path_factory.mktemp("audit_ray")
     train_script.main(["--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "--batch-size", "64",
@@ -237,7 +237,7 @@ def audits(ray_address, tmp_path_factory):
     base = d / "test_resnet_digits_base.pt"
     (d / "exp.json").write_text(json.dumps(audit_experiments(base)))
     (d / "failing.json").write_text(json.dumps(audit_experiments(base, failing=True)))
-    flags = ("-L", "exp.json", "--models", 2, "--shadows", 2, "--precision", "fp32", "-NL", "--out", "out")
+    flags = ("-L", "exp.json", "--models", 3, "--shadows", 4, "--precision", "fp32", "-NL", "--out", "out")
     procs = {"local": start(d, *flags, "--name", "local", "--models-dir", "pool_local", script="audit.py"),
              "ray": start(d, *flags, "--name", "ray", "--models-dir", "pool_ray", "--executor", "ray",
                           "--ray-address", ray_address, script="audit.py")}
@@ -245,7 +245,7 @@ def audits(ray_address, tmp_path_factory):
     for p, _, err in done.values():
         assert p.returncode == 0, err
     pool = sorted(p.name for p in (d / "pool_ray").iterdir())
-    failing = run("audit.py", "-L", "failing.json", "--models", 2, "--shadows", 2, "--precision", "fp32", "-NL",
+    failing = run("audit.py", "-L", "failing.json", "--models", 3, "--shadows", 4, "--precision", "fp32", "-NL",
                   "--out", "out", "--name", "failing", "--models-dir", "pool_ray", "--executor", "ray",
                   "--ray-address", ray_address, cwd=d)
     return {"dir": d, "stdout": {name: out for name, (_, out, _) in done.items()},
@@ -261,9 +261,9 @@ def test_audit_on_ray_gives_the_local_numbers_and_saves_its_reference_models(aud
     local, on_ray = (json.loads((d / "out" / name / "audit.json").read_text()) for name in ("local", "ray"))
     assert [r["experiment"] for r in on_ray["experiments"]][0] == "no unlearning (class 3)"
     assert timeless(on_ray["experiments"]) == timeless(local["experiments"])  # F, score, AUC, TPRs, UA/RA/TA/MIA
-    assert on_ray["reference_models_trained"] == local["reference_models_trained"] == 6
-    assert "6 reference models trained" in audits["stdout"]["ray"]
-    assert audits["pool"] == sorted(p.name for p in (d / "pool_local").iterdir()) and len(audits["pool"]) == 6
+    assert on_ray["reference_models_trained"] == local["reference_models_trained"] == 7  # gold standards, shadows
+    assert "7 reference models trained" in audits["stdout"]["ray"]
+    assert audits["pool"] == sorted(p.name for p in (d / "pool_local").iterdir()) and len(audits["pool"]) == 7
     for name in audits["pool"]:  # saved by the driver from the weights a worker sent back
         a, b = (utils.load_checkpoint(d / pool / name) for pool in ("pool_local", "pool_ray"))
         assert a["config"] == b["config"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k])
