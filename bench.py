@@ -332,10 +332,10 @@ def mask_speedup(size, device, workers):
 
 
 def wasserstein_speedup(size, device, workers):
-    """One class pair's exact 1-Wasserstein distance: wasserstein.ot_distance (POT)
+    """One class pair's exact 1-Wasserstein distance: latent.ot_distance (POT)
     against scipy.stats.wasserstein_distance_nd (the original's call)."""
     import scipy.stats
-    from wasserstein import ot_distance
+    from latent import ot_distance
 
     rng = np.random.default_rng(0)
     n, d = size["points"], size["dims"]
@@ -359,10 +359,10 @@ def wasserstein_speedup(size, device, workers):
 
 
 def tsne_speedup(size, device, workers):
-    """A 2D and a 3D t-SNE of the same points: tsne_vis.embed (openTSNE) against
+    """A 2D and a 3D t-SNE of the same points: latent.embed (openTSNE) against
     scikit-learn's TSNE with its defaults (the original's call)."""
     from sklearn.manifold import TSNE
-    from tsne_vis import embed
+    from latent import embed
 
     rng = np.random.default_rng(0)
     n, d = size["points"], size["dims"]

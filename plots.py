@@ -5,6 +5,8 @@
     plots.plot_curves("output/<run>/curves.png", table, results)
     plots.plot_masks("output/<run>")                        # main.py and mask_vis.py
     plots.heatmap(ax, matrix, labels, "viridis", 0, 1, "distance")  # wasserstein.py, masks
+    plots.plot_epsilons("output/<audit>/epsilon.png", rows, n, "official")  # audit.py
+    plots.plot_rocs("output/<audit>/roc.png", rows)
 
 Files only: matplotlib never needs a display here.
 """
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 from datasets import ForgetSpec
-from utils import UserError, atomic_write, atomic_write_text, load_mask
+from privacy import ATTACKS, BUCKET
+from utils import atomic_write, atomic_write_text, load_mask
 
 ANNOTATE_MAX = 12  # above this many classes the cell numbers become unreadable
 
@@ -367,3 +370,42 @@ def plot_masks(run_dir):
         plot_overlap(masks, m, written[1])
         write_overlap_csv(masks, m, written[2])
     return written
+
+
+# ---------------------------------------------------------------- an audit's figures
+
+def plot_epsilons(path, rows, n, attacks):
+    """A bar per bucket; the official rules' last bar holds what scores 0 (epsilon past the
+    last bucket, up to 50), the exhaustive rules' the perfect separations (infinity)."""
+    buckets = ATTACKS[attacks][1](n)
+    bars = buckets + 1 if attacks == "official" else buckets
+    edges = np.arange(bars + 1) * BUCKET
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 1.3 * len(rows) + 0.8), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        eps = np.minimum(np.array(r["samples"]["epsilon"], float), (bars - 0.5) * BUCKET)
+        ax.hist(eps, bins=edges, color="tab:blue")
+        ax.set_ylabel("samples", fontsize=8)
+        ax.set_title(f"{r['experiment']}: F = {r['F']:.3f}", fontsize=9, loc="left")
+    ticks = [f"{e:g}" for e in edges[:-1]]
+    ticks[-1] = f">={buckets * BUCKET:g}" if attacks == "official" else "inf"
+    axes[-1, 0].set_xticks(edges[:-1] + BUCKET / 2, ticks, fontsize=8)
+    axes[-1, 0].set_xlabel("per-sample epsilon (bucket start; " +
+                           ("the last bar scores 0" if attacks == "official" else
+                            f"'inf': perfect separation by N = {n} models") + ")")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rocs(path, rows):
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    for r in rows:
+        fpr, tpr = np.array(r["roc"]["fpr"]), np.array(r["roc"]["tpr"])
+        ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=f"{r['experiment']} (AUC {r['AUC']:.1f})")
+    ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=1, label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(1e-4, 1), xlabel="false positive rate",
+           ylabel="true positive rate", title="U-LiRA: unlearned (positive) vs retrained (negative)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

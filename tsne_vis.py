@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from feature_extraction import FEATURES_ROOT, SAMPLES, SAMPLES_HELP, read_folders, relative_name
+from latent import FEATURES_ROOT, SAMPLES, SAMPLES_HELP, embed, read_folders, relative_name
 from utils import UserError, atomic_write, check_writable, cli
 
 folders = [  # e.g. "features/reduced/base", "features/reduced/rl_split"; empty: every folder under features/
@@ -58,39 +58,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- embedding
-
-def embed(X, dims=(2, 3), seed=0, n_jobs=-1):
-    """t-SNE of the rows of X into each of `dims` (2 or 3) dimensions: one array per dim,
-    deterministic for a seed.
-
-    openTSNE, measured faster than scikit-learn on 5000 x 512: 18 s vs 31 s in 2D,
-    49 s vs 186 s in 3D. The affinities (nearest neighbours and perplexity calibration)
-    do not depend on the output dimension, so they are computed once for all `dims`.
-    In 2D openTSNE picks its gradient method by size (Barnes-Hut below 10,000 points,
-    where FFT interpolation costs more than it saves; FFT above); 3D is always
-    Barnes-Hut, as its FFT method refuses 3D. Rows are L2-normalised first, so
-    neighbours are those of the cosine metric (prototypes, whose scale differs from the
-    features', land by direction) and an all-zero row cannot make a NaN.
-    All cores by default (3000 x 512 on 2 idle cores: 19 s against 32 s on one); on a
-    2-core machine with anything else running, 2 threads were measured 2.5x slower than 1.
-    """
-    from openTSNE import TSNE
-    from openTSNE.affinity import PerplexityBasedNN
-    X = np.asarray(X, dtype=np.float64)
-    if len(X) < 4:
-        raise UserError(f"t-SNE needs at least 4 points, got {len(X)}")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    X = X / np.where(norms > 0, norms, 1.0)
-    perplexity = min(30.0, (len(X) - 1) / 3)  # openTSNE needs 3 * perplexity < n
-    affinities = PerplexityBasedNN(X, perplexity=perplexity, n_jobs=n_jobs, random_state=seed, verbose=False)
-    P, out = affinities.P, []
-    for dim in dims:
-        affinities.P = P.copy()  # exaggeration scales P in place and back, which rounds
-        tsne = TSNE(n_components=dim, random_state=seed, n_jobs=n_jobs, verbose=False,
-                    negative_gradient_method="auto" if dim == 2 else "bh")
-        out.append(np.asarray(tsne.fit(X, affinities=affinities)))
-    return out
-
 
 def joint_groups(by_folder):
     """Files that forgot the same thing on the same dataset (and embed in the same space)."""

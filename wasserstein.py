@@ -33,7 +33,7 @@ matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from feature_extraction import FEATURES_ROOT, SAMPLES, SAMPLES_HELP, read_folders, relative_name
+from latent import FEATURES_ROOT, SAMPLES, SAMPLES_HELP, class_distances, read_folders, relative_name
 from plots import heatmap
 from utils import UserError, atomic_write, atomic_write_text, check_writable, cli
 
@@ -60,34 +60,7 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-# ---------------------------------------------------------------- distances
-
-def ot_distance(a, b):
-    """Exact 1-Wasserstein distance between two point sets, uniform weights, euclidean cost.
-
-    The same value as scipy's wasserstein_distance_nd (to 1e-13) from POT's network
-    simplex instead of a generic linear program: measured 60x faster on two digit
-    classes of ~100 ResNet-18 embeddings (512-d).
-    """
-    import ot  # imports in seconds; only needed here
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    cost = ot.dist(a, b, metric="euclidean")
-    # the default iteration cap stops short (with a warning) on a few hundred points a side
-    return float(ot.emd2(ot.unif(len(a)), ot.unif(len(b)), cost, numItermax=10_000_000))
-
-
-def class_distances(features, labels, num_classes):
-    """C x C symmetric matrix of ot_distance between the classes' embeddings; zero
-    diagonal; NaN for a class with no sample."""
-    groups = [features[labels == c] for c in range(num_classes)]
-    d = np.full((num_classes, num_classes), np.nan)
-    present = [c for c in range(num_classes) if len(groups[c])]
-    for i, c in enumerate(present):
-        d[c, c] = 0.0
-        for k in present[i + 1:]:
-            d[c, k] = d[k, c] = ot_distance(groups[c], groups[k])
-    return d
-
+# ---------------------------------------------------------------- which files are compared
 
 def partners(b, files_a):
     """The files of an earlier folder that b is compared with (see the module docstring)."""

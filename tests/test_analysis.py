@@ -9,6 +9,7 @@ import torch
 
 import datasets
 import feature_extraction
+import latent
 import mask_vis
 import plots
 import tsne_vis
@@ -140,9 +141,9 @@ def test_latent_space_scripts_read_every_features_folder_by_default(work, extrac
 
 def test_embed_shape_and_seed():
     x = np.random.default_rng(0).normal(size=(40, 5))
-    y2, y3 = tsne_vis.embed(x, (2, 3), seed=1)
+    y2, y3 = latent.embed(x, (2, 3), seed=1)
     assert y2.shape == (40, 2) and y3.shape == (40, 3)
-    assert np.array_equal(y3, tsne_vis.embed(x, (3,), seed=1)[0])
+    assert np.array_equal(y3, latent.embed(x, (3,), seed=1)[0])
 
 
 def read_matrix(path):
@@ -176,25 +177,25 @@ def test_delta_pairing(tmp_path):
         synthetic(tmp_path / "a" / f"{stem}.json", forget)
     synthetic(tmp_path / "b/unl.json", {"class_to_forget": 1})
     synthetic(tmp_path / "b/other.json", {"class_to_forget": 2})
-    a = [feature_extraction.read_features(p) for p in sorted((tmp_path / "a").glob("*.json"))]
-    unl, other = (feature_extraction.read_features(tmp_path / f"b/{s}.json") for s in ("unl", "other"))
+    a = [latent.read_features(p) for p in sorted((tmp_path / "a").glob("*.json"))]
+    unl, other = (latent.read_features(tmp_path / f"b/{s}.json") for s in ("unl", "other"))
     # no file of the same name: the base model and the one that forgot the same thing
     assert sorted(f.stem for f in wasserstein.partners(unl, a)) == ["base", "ret"]
     assert [f.stem for f in wasserstein.partners(other, a)] == ["other"]  # the same name wins
 
 
 def test_ot_distance_known_answers():
-    assert wasserstein.ot_distance([[0.0, 0.0]], [[3.0, 4.0]]) == pytest.approx(5.0)
+    assert latent.ot_distance([[0.0, 0.0]], [[3.0, 4.0]]) == pytest.approx(5.0)
     a = np.random.default_rng(0).normal(size=(30, 4))
     v = np.array([1.0, -2.0, 0.5, 2.0])
-    assert wasserstein.ot_distance(a, a + v) == pytest.approx(np.linalg.norm(v))
-    assert wasserstein.ot_distance(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert latent.ot_distance(a, a + v) == pytest.approx(np.linalg.norm(v))
+    assert latent.ot_distance(a, a) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_class_distances_symmetric_zero_diagonal():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 3], 10)  # class 2 has no sample
-    d = wasserstein.class_distances(rng.normal(size=(30, 4)) + labels[:, None], labels, 4)
+    d = latent.class_distances(rng.normal(size=(30, 4)) + labels[:, None], labels, 4)
     assert np.allclose(d[[0, 1, 3]][:, [0, 1, 3]], d[[0, 1, 3]][:, [0, 1, 3]].T)
     assert np.all(np.diag(d)[[0, 1, 3]] == 0) and np.isnan(d[2]).all()
     assert d[0, 3] > d[0, 1] > 0

@@ -15,11 +15,12 @@ import torch
 import audit
 import datasets
 import metrics
+import privacy
 import train as train_script
 import utils
 from scripted import run
 
-DELTA = audit.DELTA
+DELTA = privacy.DELTA
 
 
 # ---------------------------------------------------------------- the challenge's rules, written out plainly
@@ -94,7 +95,7 @@ def test_the_official_rules_match_a_plain_implementation_of_the_scorer():
     retrained = gen.standard_normal((8, 30)) * scale
     unlearned[:, 0] = 0.1 + gen.standard_normal(8) * 1e-4
     eps, f = plain_challenge(unlearned, retrained)
-    got_eps, got_points, got_f = audit.challenge(unlearned, retrained)
+    got_eps, got_points, got_f = privacy.challenge(unlearned, retrained)
     assert got_eps == pytest.approx(eps, abs=1e-5)  # the scorer's float32 against float64 here
     assert got_f == f and got_eps[0] == 50
     assert 0 < f < 1 and len(set(got_points)) > 2  # the cases reach several buckets
@@ -102,15 +103,15 @@ def test_the_official_rules_match_a_plain_implementation_of_the_scorer():
 
 def test_official_buckets_at_32_models():
     """ceil(log 31) = 4: 8 buckets of width 0.5 from 0, and an epsilon of 4 or more scores 0."""
-    assert audit.n_buckets(32) == 8 and audit.n_buckets(512) == 14
+    assert privacy.n_buckets(32) == 8 and privacy.n_buckets(512) == 14
     eps = [0.0, 0.49, 0.5, 1.2, 3.49, 3.5, 3.99, 4.0, 7.0, 50.0]
-    assert list(audit.official_points(eps, 32)) == [plain_points(e, 32) for e in eps]
-    assert list(audit.official_points(eps, 32)) == [1, 1, 0.5, 0.25, 2 ** -6, 2 ** -7, 2 ** -7, 0, 0, 0]
+    assert list(privacy.official_points(eps, 32)) == [plain_points(e, 32) for e in eps]
+    assert list(privacy.official_points(eps, 32)) == [1, 1, 0.5, 0.25, 2 ** -6, 2 ** -7, 2 ** -7, 0, 0, 0]
 
 
 def test_a_perfect_separation_scores_no_point():
     """A threshold between the sides has FPR = FNR = 0: epsilon infinite, capped at 50, past the last bucket."""
-    eps, points, f = audit.challenge(np.array([[5.0], [6], [7], [8]]), np.array([[1.0], [2], [3], [4]]))
+    eps, points, f = privacy.challenge(np.array([[5.0], [6], [7], [8]]), np.array([[1.0], [2], [3], [4]]))
     assert eps[0] == 50 and f == 0
 
 
@@ -120,9 +121,9 @@ def test_a_constant_unlearned_output_inside_the_retrained_range_is_collapsed():
     thresholds there, none of which separates, and give it a full point."""
     retrained = np.random.default_rng(0).standard_normal((32, 1))
     unlearned = np.full((32, 1), np.median(retrained))
-    eps, points, f = audit.challenge(unlearned, retrained)
+    eps, points, f = privacy.challenge(unlearned, retrained)
     assert eps[0] == 50 and f == 0
-    assert audit.exhaustive_challenge(unlearned, retrained)[2] == 1.0
+    assert privacy.exhaustive_challenge(unlearned, retrained)[2] == 1.0
 
 
 def test_a_narrow_unlearned_distribution_is_collapsed():
@@ -131,7 +132,7 @@ def test_a_narrow_unlearned_distribution_is_collapsed():
     unlearned, retrained = 0.005 * gen.standard_normal((32, 20)), gen.standard_normal((32, 20))
     ratio = np.ptp(unlearned, 0) / np.ptp(retrained, 0)
     assert (ratio < 0.01).all()
-    eps, points, f = audit.challenge(unlearned, retrained)
+    eps, points, f = privacy.challenge(unlearned, retrained)
     assert (eps == 50).all() and f == 0
 
 
@@ -147,9 +148,9 @@ def test_interval_rules_find_what_no_single_threshold_does():
     u, r = unlearned[:, 0], retrained[:, 0]
     single = max(np.nanmax(plain_single_epsilons(pos, neg)) for pos, neg in ((u, r), (r, u)))
     assert single == pytest.approx(math.log((0.5 - DELTA) * 32))
-    eps, points, f = audit.challenge(unlearned, retrained)
+    eps, points, f = privacy.challenge(unlearned, retrained)
     assert eps[0] == 50 and f == 0
-    assert audit.exhaustive_challenge(unlearned, retrained)[0][0] == pytest.approx(single)
+    assert privacy.exhaustive_challenge(unlearned, retrained)[0][0] == pytest.approx(single)
 
 
 def test_identical_distributions_reach_the_chance_ceiling_and_shifted_ones_score_lower():
@@ -159,10 +160,10 @@ def test_identical_distributions_reach_the_chance_ceiling_and_shifted_ones_score
     later buckets."""
     gen = np.random.default_rng(3)
     retrained = gen.standard_normal((32, 300))
-    same = audit.challenge(gen.standard_normal((32, 300)), retrained)[2]
+    same = privacy.challenge(gen.standard_normal((32, 300)), retrained)[2]
     assert same == pytest.approx(0.185, abs=0.04)
-    assert audit.chance_f(retrained) == pytest.approx(0.185, abs=0.04)
-    shifted = audit.challenge(gen.standard_normal((32, 300)) + 1, retrained)[2]
+    assert privacy.chance_f(retrained) == pytest.approx(0.185, abs=0.04)
+    shifted = privacy.challenge(gen.standard_normal((32, 300)) + 1, retrained)[2]
     assert shifted < same / 2
 
 
@@ -172,34 +173,34 @@ def test_the_chance_ceiling_depends_on_the_scale_of_phi_under_the_official_rules
     exhaustive rules, which do not see the scale."""
     gen = np.random.default_rng(4)
     unit = gen.standard_normal((8, 300))
-    assert audit.chance_f(0.01 * unit) > audit.chance_f(unit) + 0.05
-    assert audit.chance_f(0.01 * unit, "exhaustive") == audit.chance_f(unit, "exhaustive")
+    assert privacy.chance_f(0.01 * unit) > privacy.chance_f(unit) + 0.05
+    assert privacy.chance_f(0.01 * unit, "exhaustive") == privacy.chance_f(unit, "exhaustive")
 
 
 # ---------------------------------------------------------------- --attacks exhaustive, by hand
 
 def test_exhaustive_epsilon_of_a_perfect_separation_is_infinite_and_scores_the_last_bucket():
-    assert audit.exhaustive_epsilon([5, 6, 7, 8], [1, 2, 3, 4]) == math.inf
-    assert audit.exhaustive_epsilon([1, 2, 3, 4], [5, 6, 7, 8]) == math.inf  # either direction
-    assert audit.exhaustive_buckets(4) == 4 and audit.exhaustive_buckets(32) == 8
-    assert audit.exhaustive_points(math.inf, 4) == 2 ** -3 and audit.exhaustive_points(math.inf, 32) == 2 ** -7
+    assert privacy.exhaustive_epsilon([5, 6, 7, 8], [1, 2, 3, 4]) == math.inf
+    assert privacy.exhaustive_epsilon([1, 2, 3, 4], [5, 6, 7, 8]) == math.inf  # either direction
+    assert privacy.exhaustive_buckets(4) == 4 and privacy.exhaustive_buckets(32) == 8
+    assert privacy.exhaustive_points(math.inf, 4) == 2 ** -3 and privacy.exhaustive_points(math.inf, 32) == 2 ** -7
 
 
 def test_exhaustive_epsilon_of_identical_values_is_zero_and_scores_one_point():
-    assert audit.exhaustive_epsilon([1.0] * 4, [1.0] * 4) == 0.0
-    assert audit.exhaustive_points(0.0, 4) == 1.0
-    assert audit.challenge(np.ones((4, 1)), np.ones((4, 1)))[2] == 1.0  # the official rules' choice, too
+    assert privacy.exhaustive_epsilon([1.0] * 4, [1.0] * 4) == 0.0
+    assert privacy.exhaustive_points(0.0, 4) == 1.0
+    assert privacy.challenge(np.ones((4, 1)), np.ones((4, 1)))[2] == 1.0  # the official rules' choice, too
 
 
 def test_exhaustive_epsilon_by_hand():
     """Unlearned 0..3, retrained 1..4: the best rule, 'unlearned when phi < 2', has FPR 1/4
     and FNR 2/4, so epsilon = log(1 - delta - 2/4) - log(1/4), log 2 but for delta."""
-    eps = audit.exhaustive_epsilon([0, 1, 2, 3], [1, 2, 3, 4])
+    eps = privacy.exhaustive_epsilon([0, 1, 2, 3], [1, 2, 3, 4])
     assert eps == pytest.approx(math.log((0.5 - DELTA) / 0.25), abs=1e-12)
-    assert audit.exhaustive_points(eps, 4) == 0.5  # bucket [0.5, 1)
+    assert privacy.exhaustive_points(eps, 4) == 0.5  # bucket [0.5, 1)
     # symmetric in the two sides, and rules on ranks do not see a monotone transform
-    assert audit.exhaustive_epsilon([1, 2, 3, 4], [0, 1, 2, 3]) == pytest.approx(eps)
-    assert audit.exhaustive_epsilon(np.exp([0, 1, 2, 3]), np.exp([1, 2, 3, 4])) == pytest.approx(eps)
+    assert privacy.exhaustive_epsilon([1, 2, 3, 4], [0, 1, 2, 3]) == pytest.approx(eps)
+    assert privacy.exhaustive_epsilon(np.exp([0, 1, 2, 3]), np.exp([1, 2, 3, 4])) == pytest.approx(eps)
 
 
 def test_exhaustive_one_outlier_among_32_is_the_largest_epsilon_32_models_resolve():
@@ -208,15 +209,15 @@ def test_exhaustive_one_outlier_among_32_is_the_largest_epsilon_32_models_resolv
     epsilon = log(1 - delta - 1/32) + log 32 (about log 31), the largest finite one."""
     unlearned = np.r_[-10.0, np.arange(31) + 100.0]
     retrained = np.arange(32, dtype=float)
-    eps = audit.exhaustive_epsilon(unlearned, retrained)
+    eps = privacy.exhaustive_epsilon(unlearned, retrained)
     assert eps == pytest.approx(math.log((1 - DELTA - 1 / 32) * 32))
-    assert audit.exhaustive_points(eps, 32) == 2.0 ** -6  # bucket [3, 3.5), the last finite one at N = 32
+    assert privacy.exhaustive_points(eps, 32) == 2.0 ** -6  # bucket [3, 3.5), the last finite one at N = 32
 
 
 def test_exhaustive_bucket_points():
-    assert [audit.exhaustive_points(e, 512) for e in (0.49, 0.5, 1.2, 6.1, math.inf)] == [1, 0.5, 0.25, 2 ** -12,
+    assert [privacy.exhaustive_points(e, 512) for e in (0.49, 0.5, 1.2, 6.1, math.inf)] == [1, 0.5, 0.25, 2 ** -12,
                                                                                            2 ** -13]
-    assert audit.exhaustive_points(-0.1, 8) == 1.0
+    assert privacy.exhaustive_points(-0.1, 8) == 1.0
 
 
 # ---------------------------------------------------------------- U-LiRA
@@ -227,29 +228,29 @@ def test_ulira_on_gaussians_of_known_separation():
     identical sides give 50."""
     gen = np.random.default_rng(0)
     k, n = 40, 500
-    is_in = audit.shadow_halves(n, k, seed=0)
+    is_in = privacy.shadow_halves(n, k, seed=0)
     shadows = gen.standard_normal((k, n)) + 2 * is_in
-    _, _, r = audit.ulira(shadows, is_in, gen.standard_normal((20, n)) + 2, gen.standard_normal((20, n)))
+    _, _, r = privacy.ulira(shadows, is_in, gen.standard_normal((20, n)) + 2, gen.standard_normal((20, n)))
     assert r["AUC"] == pytest.approx(92.1, abs=1.5)
     assert r["balanced_accuracy"] == pytest.approx(84.1, abs=1.5)
     assert 0 < r["TPR@0.1%FPR"] <= r["TPR@1%FPR"] < 100
     same = gen.standard_normal((k, n))
-    _, _, r = audit.ulira(same, is_in, gen.standard_normal((20, n)), gen.standard_normal((20, n)), per_sample=True)
+    _, _, r = privacy.ulira(same, is_in, gen.standard_normal((20, n)), gen.standard_normal((20, n)), per_sample=True)
     assert r["AUC"] == pytest.approx(50, abs=3) and r["balanced_accuracy"] == pytest.approx(50, abs=3)
 
 
 def test_balanced_accuracy_by_hand():
     """Positives 2 and 3, negatives 0, 1 and 2.5: 'positive when score >= 2' takes both
     positives and one negative, (1 + 2/3) / 2 = 83.3%; '>= 3' only reaches (1/2 + 1) / 2 = 75%."""
-    fpr, tpr = audit.roc(np.array([2.0, 3.0]), np.array([0.0, 1.0, 2.5]))
-    assert audit.balanced_accuracy(fpr, tpr) == pytest.approx(100 * (1 + 2 / 3) / 2)
+    fpr, tpr = privacy.roc(np.array([2.0, 3.0]), np.array([0.0, 1.0, 2.5]))
+    assert privacy.balanced_accuracy(fpr, tpr) == pytest.approx(100 * (1 + 2 / 3) / 2)
 
 
 def test_shadow_halves_put_every_sample_in_half_the_shadows():
-    halves = audit.shadow_halves(100, 6, seed=3)
+    halves = privacy.shadow_halves(100, 6, seed=3)
     assert halves.shape == (6, 100) and (halves.sum(0) == 3).all()
     assert 30 < halves.sum(1).min() and halves.sum(1).max() < 70
-    assert (halves == audit.shadow_halves(100, 6, seed=3)).all()
+    assert (halves == privacy.shadow_halves(100, 6, seed=3)).all()
 
 
 def test_logit_confidence_is_stable_where_probabilities_round_to_one():
@@ -363,7 +364,7 @@ def test_the_opt_in_deviations_train_n_originals_and_score_every_threshold(audit
     assert f"{N} reference models trained" in r.stdout  # the originals alone
     result = json.loads((tmp_path / "out" / "b" / "audit.json").read_text())
     assert (result["attacks"], result["originals"]) == ("exhaustive", N)
-    assert result["buckets"] == audit.exhaustive_buckets(N)
+    assert result["buckets"] == privacy.exhaustive_buckets(N)
     none = result["experiments"][0]
     assert none["F"] < none["F_identical"] / 2
 

@@ -8,6 +8,8 @@ import torch
 
 import main
 import utils
+from experiments import Experiment, experiment_names, method_problems, overrides, with_overrides
+from summary import cell, screen_table
 from utils import settings_problems
 from conftest import assert_is_top_saliency_mask, plain_forget_gradients, run_script
 from datasets import ForgetSpec, make_split
@@ -239,15 +241,14 @@ def test_single_experiment_from_flags_and_nexp_zero(ckpts, tmp_path):
 
 
 def test_shipped_experiment_files_are_well_formed():
-    import main
     from conftest import ROOT
     for path in sorted((ROOT / "exp").glob("*.json")):
         entries = json.loads(path.read_text())
         assert isinstance(entries, list) and entries, path
         for entry in entries:
-            assert settings_problems(main.Experiment, entry) == {}, (path, entry)
-            e = main.Experiment(**entry)
-            assert main.method_problems(e) == [], (path, entry)
+            assert settings_problems(Experiment, entry) == {}, (path, entry)
+            e = Experiment(**entry)
+            assert method_problems(e) == [], (path, entry)
             if not path.name.startswith("audit"):  # audit.py trains its own gold standards
                 assert e.retrained and Path(e.checkpoint).name.startswith("resnet18_")
 
@@ -298,18 +299,18 @@ def test_flags_come_from_the_experiment_fields(capsys):
                              "-MA", "name=x"])
     long = main.parse_args(["--cf", "3", "--unlr", "0.1", "--itf", "f.json", "--epochs", "2",
                             "--method-arg", "alpha=0.5", "--method-arg", "k=3", "--method-arg", "name=x"])
-    assert main.overrides(short) == main.overrides(long) == {
+    assert overrides(short) == overrides(long) == {
         "class_to_forget": 3, "unlearning_rate": 0.1, "idxs_to_forget": "f.json", "epochs": 2,
         "method_args": {"alpha": 0.5, "k": 3, "name": "x"}}  # values read as JSON when they are JSON
-    assert main.overrides(main.parse_args([])) == {}  # nothing typed, nothing overridden
+    assert overrides(main.parse_args([])) == {}  # nothing typed, nothing overridden
     # -MA adds to a file's method_args; other keys replace the file's
-    assert main.with_overrides({"lr": 0.1, "method_args": {"alpha": 0.9, "msteps": 1}},
-                               {"lr": 0.2, "method_args": {"alpha": 0.5}}) == {
+    assert with_overrides({"lr": 0.1, "method_args": {"alpha": 0.9, "msteps": 1}},
+                          {"lr": 0.2, "method_args": {"alpha": 0.5}}) == {
         "lr": 0.2, "method_args": {"alpha": 0.5, "msteps": 1}}
     with pytest.raises(SystemExit):
         main.parse_args(["-h"])
     shown = " ".join(capsys.readouterr().out.split())
-    for f in fields(main.Experiment):
+    for f in fields(Experiment):
         assert f.metadata["doc"].split()[0] in shown and f.metadata["flags"][0] in shown, f.name
     assert "(in [1, inf); default: 10)" in shown and "(in (0, 1]; default: 0.5)" in shown
     import methods
@@ -321,15 +322,15 @@ def test_flags_come_from_the_experiment_fields(capsys):
 # ---------------------------------------------------------------- names and tables
 
 def test_names_say_what_differs_between_experiments():
-    sweep = [main.Experiment(method="rl", lr=lr, epochs=e, batch_size=b, use_mask=True, class_to_forget=0)
+    sweep = [Experiment(method="rl", lr=lr, epochs=e, batch_size=b, use_mask=True, class_to_forget=0)
              for lr, e, b in ((0.03, 1, 64), (0.03, 2, 64), (0.05, 2, 128))]
-    sweep.append(main.Experiment(method="scrub", lr=1e6, class_to_forget=0, method_args={"msteps": 1}))
-    sweep.append(main.Experiment(method="scrub", lr=1e6, class_to_forget=0, method_args={"msteps": 3}, tag="my run"))
-    assert main.experiment_names(sweep) == [
+    sweep.append(Experiment(method="scrub", lr=1e6, class_to_forget=0, method_args={"msteps": 1}))
+    sweep.append(Experiment(method="scrub", lr=1e6, class_to_forget=0, method_args={"msteps": 3}, tag="my run"))
+    assert experiment_names(sweep) == [
         "00_rl_mask0.5_class-0_lr0.03_E1_bs64", "01_rl_mask0.5_class-0_lr0.03_E2_bs64",
         "02_rl_mask0.5_class-0_lr0.05_E2_bs128", "03_scrub_class-0_lr1e+06_E10_bs64_msteps1", "04_my-run"]
-    same = [main.Experiment(method="ga", class_to_forget=c) for c in (0, 3)]
-    assert main.experiment_names(same) == ["00_ga_class-0", "01_ga_class-3"]  # nothing else differs
+    same = [Experiment(method="ga", class_to_forget=c) for c in (0, 3)]
+    assert experiment_names(same) == ["00_ga_class-0", "01_ga_class-3"]  # nothing else differs
 
 
 def table_row(name, runs, **metrics):
@@ -342,14 +343,14 @@ def test_terminal_table_fits_120_columns_and_single_runs_have_no_std():
                        avg_gap=(12.25, 10.5), rte_s=(123.456, 12.345)),
              table_row("08_ga_class-0", 3, UA=(5.0, 1.0), RA=(90.0, 1.0), TA=(89.0, 1.0), MIA=(50.0, 1.0),
                        rte_s=(1.0, 0.1))]
-    lines = main.screen_table(table).splitlines()
+    lines = screen_table(table).splitlines()
     assert max(map(len, lines)) <= 120 and len({len(x) for x in lines[:4]}) == 1
     assert "| 07_rl_split_mask0…temperature4_seed3 |" in lines[2]  # cut in the middle
     assert "99.50±0.25" in lines[2] and "123.5±12.3" in lines[2] and "n/a" in lines[3]
     assert lines[4].startswith("mean ± std over 3 runs")
-    single = main.screen_table([table_row("00_rl_class-0", 1, UA=(99.5, 0.0), RA=(98.0, 0.0))])
+    single = screen_table([table_row("00_rl_class-0", 1, UA=(99.5, 0.0), RA=(98.0, 0.0))])
     assert "99.50 " in single and "±" not in single
-    assert main.cell((99.5, 0.0), "UA", runs=1) == "99.50" and main.cell((99.5, 0.25), "UA", runs=2) == "99.50 ± 0.25"
+    assert cell((99.5, 0.0), "UA", runs=1) == "99.50" and cell((99.5, 0.25), "UA", runs=2) == "99.50 ± 0.25"
 
 
 def test_figures_of_thirty_experiments_stay_within_1600_px(tmp_path):

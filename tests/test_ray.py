@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -181,19 +182,19 @@ def test_a_killed_worker_loses_no_finished_run_and_the_study_completes(ckpts, ra
 
 
 def test_resume_tries_failed_runs_again(tmp_path):
-    import main
+    from study import drop_failed
     path = tmp_path / "results.jsonl"
     rows = [{"experiment": 0, "run": 0, "metrics": {}}, {"experiment": 1, "run": 0, "failed": "UserError: no"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main.drop_failed(path, rows) == rows[:1]
+    assert drop_failed(path, rows) == rows[:1]
     assert path.read_text() == json.dumps(rows[0]) + "\n"
 
 
 @pytest.mark.parametrize("save, kept", [("none", []), ("last", ["exp"]), ("all", ["exp_run0", "exp_run1"])])
 def test_save_keeps_what_it_says(tmp_path, save, kept):
     """--save none writes no .pt file, last only the last run's, all every run's under its own name."""
-    import main
-    folder = main.RunFolder(tmp_path, "id", ["exp"], 2, save, [])
+    from study import RunFolder
+    folder = RunFolder(tmp_path, "id", ["exp"], 2, save, [])
     for k in (0, 1):
         result = {"seed": k, "metrics": {}, "diverged_at": None}
         folder.record(0, k, result, {}, lambda name: (tmp_path / f"{name}.pt").touch())
@@ -212,6 +213,23 @@ def test_executor_flags_are_checked_before_anything_runs(ckpts, tmp_path, flags,
     with pytest.raises(utils.UserError, match=message.replace(".", r"\.")):
         main.main(["-c", str(ckpts["base"]), "-CF", "0", "-E", "1", "-NL", "--out", str(tmp_path / "out"), *flags])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, flags", [("main.py", ("-CF", "0", "-E", "1")),
+                                           ("audit.py", ("-CF", "3", "-M", "rl", "--models-dir", "pool"))])
+def test_an_address_where_no_cluster_answers_fails_at_once(ckpts, tmp_path, script, flags):
+    """--ray-address on localhost where nothing listens: one line naming the address, within
+    seconds (Ray alone retries for minutes), exit code 2 and nothing written."""
+    with socket.socket() as s:  # a port that was free a moment ago, and nothing listens on now
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    start = time.perf_counter()
+    r = run(script, "-c", ckpts["base"], *flags, "-NL", "--out", "out", "--executor", "ray", "--ray-address", address,
+            cwd=tmp_path, timeout=60)
+    assert time.perf_counter() - start < 30
+    assert r.returncode == 2 and r.stderr.splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith(f"error: no Ray cluster answers at {address} ("), r.stderr
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- audit.py

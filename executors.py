@@ -1,83 +1,103 @@
-"""main.py's Ray executor: each (experiment, run) of a study is one task on a long-lived worker.
+"""Where a script's runs compute: the executor flags, and Ray's workers with the loop that runs tasks on them.
 
     python main.py -L exp/demo.json --nexp 3 -NL --executor ray                      # Ray on this machine
     python main.py -L exp/classforget.json --executor ray --gpus-per-run 0.25        # four runs per GPU
     python main.py -L exp/classforget.json --executor ray --ray-address auto         # a running cluster
+    python audit.py -L exp/audit_demo.json --models 32 -NL --executor ray
 
-One worker (a Ray actor) per slot of --cpus-per-run CPUs and --gpus-per-run GPUs. A worker
-keeps main.prepare's cache from one task to the next, so the dataset, the base model, the
-reference evaluations and the forget-set gradients are loaded or computed once per worker,
-not once per run. A task returns its results line and, for a run that is saved, the files
-main.save_outputs wrote; only the driver writes the run folder, so the folder need not be on
-storage the workers share. A task that raises, or whose worker is lost, is tried once more
-(a lost worker is replaced), then recorded as failed while the other tasks go on.
-
-This is a module of its own rather than part of main.py because Ray finds the worker class
-on each worker by importing it by name; a class of the script run as __main__ would travel
-with all of that script's globals instead. start_ray and Workers (the workers and the loop
-that runs tasks on them) serve audit.py's executor, ray_audit.py, too.
+Every script with an --executor flag adds it with `add_executor_flags` and checks it with
+`check_executor` before anything is computed. With --executor ray, `start_ray` starts Ray
+(or joins a cluster) and `Workers` keeps one long-lived worker (a Ray actor) per slot of
+--cpus-per-run CPUs and --gpus-per-run GPUs, running a script's tasks on them: a task that
+raises, or whose worker is lost, is tried once more (a lost worker is replaced), then handed
+back as failed while the other tasks go on. What a task is, and its worker class, belong to
+the library module of what it computes (study.py's runs, auditing.py's models): Ray finds a
+worker class on each worker by importing its module by name, so it is never a script's.
+Ray itself is imported only when asked for.
 """
 import collections
 import logging
+import math
 import os
+import socket
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from utils import Logger, UserError, atomic_write, compute_for
+from utils import UserError
 
+
+EXECUTORS = ("local", "ray")
+EXECUTOR_FLAGS = ("--executor", "--ray-address", "--cpus-per-run", "--gpus-per-run")
 ROOT = Path(__file__).resolve().parent
 RETRIES = 1  # a failed task is tried once more, then recorded as failed
 START_TIMEOUT_S = 300  # a worker that has not started by then (no free resources, a stuck node) is given up
+CONNECT_TIMEOUT_S = 10  # a cluster's address that takes longer to accept a connection is not there
 
 
-class Worker:
-    """One slot: runs tasks one after another, keeping main.prepare's cache between them."""
+# ---------------------------------------------------------------- the flags
 
-    def __init__(self, data_dir, device, precision, threads, log):
-        import main  # main.py as a module here: the worker runs its prepare() and unlearn()
-        torch.set_num_threads(threads)  # as many as the driver's local runs use: the same sums, the same numbers
-        self.main, self.log = main, log
-        self.cache = {"data_dir": data_dir}
-        self.compute = compute_for(torch.device(device), precision)
-
-    def ready(self):
-        return os.getpid()
-
-    def references(self, experiment):
-        """Only the base and gold models' metrics (an experiment none of whose runs is left to do)."""
-        ctx = self.main.prepare(self.main.Experiment(**experiment), self.compute, self.cache)
-        return {"refs": {"before": ctx.before, "gold": ctx.gold}}
-
-    def run(self, experiment, k, save_as, log_name):
-        """Run k of the experiment: its result, the reference metrics and the files to save."""
-        main = self.main
-        e = main.Experiment(**experiment)
-        ctx = main.prepare(e, self.compute, self.cache)
-        logger = Logger(self.log, "salun-deepdive", log_name, experiment)
-        model, mask, result = main.unlearn(e, ctx, e.seed + k, logger)
-        logger.finish()
-        files = {}
-        if save_as and result["diverged_at"] is None:  # written here, sent back, written by the driver
-            with tempfile.TemporaryDirectory() as tmp:
-                main.save_outputs(Path(tmp), save_as, e, ctx, model, mask, result)
-                files = {p.relative_to(tmp).as_posix(): p.read_bytes()
-                         for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-        return {"result": result, "refs": {"before": ctx.before, "gold": ctx.gold}, "files": files,
-                "describe": self.compute.describe(), "pid": os.getpid()}
+def add_executor_flags(p, tasks):
+    """--executor and the Ray flags, shared by main.py and audit.py; `tasks` says what becomes a Ray task."""
+    g = p.add_argument_group("executor (where the runs compute; results are the same)")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help=f"local: the runs one after another in this process; ray: {tasks} (default: %(default)s)")
+    g.add_argument("--ray-address", default=None,
+                   help="with --executor ray: auto or HOST:PORT joins a running Ray cluster (None: start Ray on "
+                        "this machine, on the loopback only)")
+    g.add_argument("--cpus-per-run", type=float, default=None,
+                   help="with --executor ray: CPUs each worker reserves, and its torch threads (None: 1 when the "
+                        "runs use GPUs, else the torch threads a local run uses, so the numbers are the same)")
+    g.add_argument("--gpus-per-run", type=float, default=None,
+                   help="with --executor ray: GPUs each worker reserves; fractions share a GPU, 0.25 packs four "
+                        "runs on one (None: 1 when --device is cuda, else 0)")
 
 
-@dataclass
-class Task:
-    i: int  # experiment
-    k: int = None  # run; None: only the reference metrics
-    attempts: int = 0
+def check_executor(args, device):
+    """The executor flags, checked before anything is computed; fills in their defaults."""
+    if args.executor != "ray":
+        given = [f for f in EXECUTOR_FLAGS[1:] if f in args.changed]
+        if given:
+            raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --executor ray only")
+        return
+    if args.gpus_per_run is None:
+        args.gpus_per_run = 1.0 if device.type == "cuda" else 0.0
+    if args.cpus_per_run is None:  # a CPU worker computes with the threads a local run would use
+        args.cpus_per_run = 1.0 if args.gpus_per_run > 0 else float(torch.get_num_threads())
+    if not (math.isfinite(args.cpus_per_run) and args.cpus_per_run > 0):
+        raise UserError(f"--cpus-per-run must be a number above 0, got {args.cpus_per_run:g}")
+    if not (math.isfinite(args.gpus_per_run) and 0 <= args.gpus_per_run):
+        raise UserError(f"--gpus-per-run must be 0 or more, got {args.gpus_per_run:g}")
+    if args.gpus_per_run > 0 and "--device" in args.changed and device.type != "cuda":
+        raise UserError(f"--gpus-per-run {args.gpus_per_run:g} puts the runs on GPUs, --device {args.device} "
+                        f"on the CPU; give one or the other")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install -r requirements.txt") from None
+    if args.ray_address is not None:
+        check_reachable(args.ray_address)
 
+
+def check_reachable(address):
+    """A cluster's HOST:PORT (or ray://HOST:PORT) must accept a connection before Ray joins it:
+    where nothing answers, Ray retries for minutes, printing its own connection warnings.
+    `auto` is left to Ray, which says at once when it finds no cluster."""
+    host, sep, port = address.rpartition("://")[2].rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(f"no Ray cluster answers at {address} ({err.strerror or first_line(err)}); start one "
+                        f"there with `ray start --head`, or leave --ray-address out to start Ray on this "
+                        f"machine") from None
+
+
+# ---------------------------------------------------------------- Ray and its workers
 
 def start_ray(address):
     """Ray on this machine (loopback only, no dashboard), or a running cluster; quietly."""
@@ -195,67 +215,9 @@ class Workers:
             bar.set_postfix_str(slowest(running, describe), refresh=True)
 
 
-def run(experiments, todo, folder, precision, args):
-    """Every (experiment, run) in `todo` as a Ray task; results are recorded in `folder` as they
-    come back. Returns the reference metrics of every experiment."""
-    ray = start_ray(args.ray_address)
-    try:
-        return schedule(ray, experiments, todo, folder, precision, args)
-    finally:
-        ray.shutdown()
-
-
-def schedule(ray, experiments, todo, folder, precision, args):
-    with_runs = {i for i, _ in todo}
-    tasks = [Task(i, k) for i, k in todo] + [Task(i) for i in range(len(experiments)) if i not in with_runs]
-    init = (args.data_dir, "cuda" if args.gpus_per_run > 0 else "cpu", precision, max(1, int(args.cpus_per_run)),
-            not args.no_log)
-    workers = Workers(ray, Worker, args.cpus_per_run, args.gpus_per_run, init, len(tasks))
-    refs = {}
-
-    def done(task, out):
-        refs[task.i] = out["refs"]
-        if task.k is not None:
-            folder.record(task.i, task.k, out["result"], out["describe"],
-                          lambda _name: write_files(folder.run_dir, out["files"]))
-            bar.update()
-
-    def failed(task, why):
-        if task.k is not None:
-            folder.record_failure(task.i, task.k, experiments[task.i].seed + task.k, why, task.attempts)
-            bar.update()
-        else:
-            tqdm.write(f"{describe(task, folder)}: {why}; its base and gold rows are left out", file=sys.stderr)
-
-    total = len(experiments) * folder.nexp
-    with tqdm(total=total, initial=total - len(todo), unit="run", desc=f"ray, {len(workers.started)} workers",
-              dynamic_ncols=True) as bar:
-        workers.run(tasks, lambda worker, task: submit(worker, task, experiments, folder), done, failed,
-                    lambda task: describe(task, folder), bar)
-    return refs
-
-
-def submit(worker, task, experiments, folder):
-    e = asdict(experiments[task.i])
-    if task.k is None:
-        return worker.references.remote(e)
-    return worker.run.remote(e, task.k, folder.save_as(task.i, task.k),
-                             f"{folder.run_dir.name}/{folder.names[task.i]}/run{task.k}")
-
-
-def describe(task, folder):
-    name = folder.names[task.i]
-    return f"{name} run {task.k}" if task.k is not None else f"{name} (reference metrics)"
-
-
 def slowest(running, describe):
     """The task that has been running longest, for the progress bar."""
     if not running:
         return ""
     task, _, started = min(running.values(), key=lambda v: v[2])
     return f"slowest: {describe(task)}, {time.perf_counter() - started:.0f} s"
-
-
-def write_files(run_dir, files):
-    for rel, data in files.items():
-        atomic_write(Path(run_dir) / rel, lambda f, data=data: f.write(data))

@@ -1,0 +1,209 @@
+"""A study's summary: one row per experiment (mean ± std over its runs) after its base and gold rows.
+
+    table = summary.summarize(names, experiments, finished_rows, refs)
+    text = summary.write_summary(run_dir, table, finished_rows)   # summary.csv, summary.md, figures
+
+summary.csv holds every setting and metric with its std; summary.md the full table and the
+do-nothing line (how many experiments end closer to the gold standard than the model they
+started from); the terminal gets the numbers a reader compares, at most 120 characters wide.
+"""
+import csv
+import io
+import json
+import math
+
+import metrics
+import plots
+from experiments import method_settings
+from utils import atomic_write_text, mean_std
+
+
+METRIC_KEYS = ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "avg_gap")  # n/a when missing
+SUMMARY_KEYS = METRIC_KEYS + ("rte_s", "mask_fraction", "mask_zero_fraction")
+CSV_ONLY_KEYS = ("TA_forgotten", "VA_forgotten", "loss_MIA_forget", "UA_gap", "RA_gap", "TA_gap", "MIA_gap")
+BEATS = "beats_do_nothing"
+
+
+def flat(row):
+    m = dict(row["metrics"])
+    m.update(row.get("gap", {}))
+    m["rte_s"], m["mask_fraction"] = row["rte_s"], row["mask_fraction"]
+    m["mask_zero_fraction"] = row.get("mask_zero_fraction")
+    return m
+
+
+def reference_rows(e, before, gold):
+    """The base model's row (with its gap to the gold standard: the do-nothing baseline)
+    and the gold standard's row, for one checkpoint and forget set."""
+    out = []
+    for label, m in (("base (before)", before), ("gold standard", gold)):
+        if not m:
+            continue
+        m = dict(m, **metrics.gap(before, gold)) if label == "base (before)" and gold else m
+        out.append({"experiment": label, "method": "-", "mask": "-", "forget": e.spec.describe(), "runs": 1,
+                    **{k: (m[k], 0.0) for k in SUMMARY_KEYS + CSV_ONLY_KEYS if m.get(k) is not None}})
+    return out
+
+
+def summarize(names, experiments, rows, refs):
+    """One row per experiment (mean ± std over the runs that did not diverge), after the
+    base and gold rows of its checkpoint and forget set."""
+    golds = {}  # the gold standard named by any experiment on that checkpoint and forget set
+    for i, e in enumerate(experiments):
+        if refs.get(i, {}).get("gold"):
+            golds.setdefault((e.checkpoint, e.spec.describe()), refs[i]["gold"])
+    table, seen = [], set()
+    for i, (name, e) in enumerate(zip(names, experiments)):
+        ref = refs.get(i, {})
+        key = (e.checkpoint, e.spec.describe())
+        if key not in seen and ref:
+            seen.add(key)
+            table += reference_rows(e, ref["before"], golds.get(key))
+        mine = [r for r in rows if r["experiment"] == i]
+        if not mine:
+            continue
+        finished = [flat(r) for r in mine if r["diverged_at"] is None]
+        row = {"experiment": name, "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
+               "forget": e.spec.describe(), "runs": len(mine), **settings_columns(e)}
+        for k in SUMMARY_KEYS + CSV_ONLY_KEYS:
+            vals = [m[k] for m in finished if m.get(k) is not None]
+            if vals:
+                row[k] = mean_std(vals)
+        if ref.get("gold") and "avg_gap" in row:
+            do_nothing = metrics.gap(ref["before"], ref["gold"])["avg_gap"]
+            row[BEATS] = "yes" if row["avg_gap"][0] < do_nothing else "no"
+        diverged = [r["diverged_at"] for r in mine if r["diverged_at"]]
+        row["diverged"] = f"{len(diverged)}/{len(mine)} diverged (epoch {min(diverged)})" if diverged else ""
+        table.append(row)
+    return table
+
+
+def note_failures(table, names, experiments, failed, nexp):
+    """Failed runs in the summary table: 'k/n failed' in the experiment's row (a row of its own
+    when none of its runs finished)."""
+    for i in sorted({r["experiment"] for r in failed}):
+        note = f"{sum(r['experiment'] == i for r in failed)}/{nexp} failed"
+        row = next((r for r in table if r["experiment"] == names[i]), None)
+        if row is None:
+            e = experiments[i]
+            row = {"experiment": names[i], "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
+                   "forget": e.spec.describe(), "runs": 0, **settings_columns(e), "diverged": ""}
+            after = [n for n, r in enumerate(table) if r["experiment"] in names[:i]]
+            table.insert(after[-1] + 1 if after else len(table), row)
+        row["diverged"] = "; ".join(x for x in (row.get("diverged"), note) if x)
+
+
+def do_nothing_line(table):
+    """'k of n experiments are closer to the gold standard than the original model', or None."""
+    judged = [r for r in table if BEATS in r]
+    if not judged:
+        return None
+    k = sum(r[BEATS] == "yes" for r in judged)
+    return (f"{k} of {len(judged)} experiments are closer to the gold standard than the original model "
+            f"(the do-nothing baseline: base row's avg_gap)")
+
+
+SETTING_KEYS = ("lr", "epochs", "batch_size", "seed", "freeze_bn", "checkpoint", "retrained")
+
+
+def settings_columns(e):
+    """What the experiment ran with, for summary.csv: its settings and its method's (with defaults)."""
+    return {**{k: getattr(e, k) for k in SETTING_KEYS},
+            **{f"method_args.{k}": v for k, v in method_settings(e).items()}}
+
+
+COLUMNS = ("experiment", "method", "mask", "forget", "runs") + SUMMARY_KEYS + (BEATS, "diverged")
+NUMERIC = SUMMARY_KEYS + CSV_ONLY_KEYS
+# The terminal's table: the numbers a reader compares, at most 120 characters wide.
+SCREEN = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"), ("rte_s", "RTE s"))
+SCREEN_WIDTH = 120
+
+
+def cell(v, key, runs=2, sep=" ± ", digits=None):
+    """'mean ± std', or the mean alone for a single run (its std says nothing)."""
+    if not isinstance(v, tuple):
+        return str(v)
+    if math.isnan(v[0]):
+        return "n/a"
+    digits = digits or (3 if key in ("rte_s", "mask_fraction", "mask_zero_fraction") else 2)
+    return f"{v[0]:.{digits}f}" + (f"{sep}{v[1]:.{digits}f}" if runs > 1 else "")
+
+
+def csv_columns(table):
+    settings = list(dict.fromkeys(k for row in table for k in row if k in SETTING_KEYS or k.startswith("method_args.")))
+    return ["experiment", "method", "mask", "forget", "runs"] + settings + list(NUMERIC) + [BEATS, "diverged"]
+
+
+def csv_text(table):
+    columns = csv_columns(table)
+    header = [c for k in columns for c in ((k, k + "_std") if k in NUMERIC else (k,))]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in table:
+        line = []
+        for k in columns:
+            v = row.get(k, "")
+            if k in NUMERIC:
+                line += [f"{v[0]:.4f}", f"{v[1]:.4f}"] if v else ["", ""]
+            else:
+                line.append("" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v)
+        writer.writerow(line)
+    return out.getvalue()
+
+
+def markdown(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def shorten(text, room):
+    """`text` cut in the middle to at most `room` characters: both ends say what a row is."""
+    if len(text) <= room:
+        return text
+    head = (room - 1) // 2
+    return text[:head] + "…" + text[len(text) - (room - 1 - head):]
+
+
+def screen_table(table):
+    """The terminal's summary, at most SCREEN_WIDTH characters wide: the metrics a reader
+    compares, names shortened in the middle to fit (summary.md has them whole), a runs
+    column only when experiments ran different numbers of runs."""
+    several_specs = len({r["forget"] for r in table}) > 1
+    names = [f"{r['experiment']}, {r['forget']}" if several_specs and r["method"] == "-" else r["experiment"]
+             for r in table]
+    columns = [[cell(r.get(k, "n/a"), k, r.get("runs", 1), sep="±", digits=1 if k == "rte_s" else 2) for r in table]
+               for k, _ in SCREEN]
+    header = [label for _, label in SCREEN]
+    experiment_runs = {r["runs"] for r in table if r["method"] != "-"}
+    if len(experiment_runs) > 1:
+        columns.insert(0, [str(r["runs"]) for r in table])
+        header.insert(0, "runs")
+    widths = [max(len(h), *map(len, col)) for h, col in zip(header, columns)]
+    room = SCREEN_WIDTH - 4 - 3 * len(widths) - sum(widths)
+    names = [shorten(n, room) for n in names]
+    widths.insert(0, max(len("experiment"), *map(len, names)))
+    columns.insert(0, names)
+    header.insert(0, "experiment")
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(cells) for cells in zip(*columns)]
+    if len(experiment_runs) == 1 and experiment_runs != {1}:
+        out.append(f"mean ± std over {experiment_runs.pop()} runs; full table with settings: summary.md, summary.csv")
+    out += [f"{r['experiment']}: {r['diverged']}" for r in table if r.get("diverged")]
+    return "\n".join(out)
+
+
+def write_summary(run_dir, table, results=()):
+    """summary.csv (every setting and metric), summary.md (the full table) and the figures;
+    returns the terminal's table."""
+    atomic_write_text(run_dir / "summary.csv", csv_text(table))
+    md = markdown(COLUMNS, [[cell(row.get(k, "n/a" if k in METRIC_KEYS else ""), k, row.get("runs", 1))
+                             for k in COLUMNS] for row in table])
+    line = do_nothing_line(table)
+    atomic_write_text(run_dir / "summary.md", md + ("\n\n" + line if line else "") + "\n")
+    plots.plot_summary(run_dir / "summary.png", table)
+    plots.plot_tradeoff(run_dir / "tradeoff.png", table)
+    if results:
+        plots.plot_curves(run_dir / "curves.png", table, results)
+    return screen_table(table) + ("\n\n" + line if line else "")
