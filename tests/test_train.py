@@ -107,8 +107,8 @@ def test_base_and_gold_standards_share_one_validation_set(ckpts, more_golds, dig
         gold = utils.load_checkpoint(path)["config"]
         assert gold["val_idx"] == base["val_idx"] and gold["seed"] == base["seed"]
         assert gold["forget_idx"] and not set(gold["forget_idx"]) & set(base["val_idx"])
-        e = experiments.Experiment(checkpoint=str(ckpts["base"]), retrained=str(path), seed=base["seed"], batch_size=64,
-                            **spec.to_config())
+        e = experiments.Experiment(checkpoint=str(ckpts["base"]), retrained=str(path), seed=base["seed"],
+                                   batch_size=64, **spec.to_config())
         assert experiments.Checker("data").problems(e) == []  # main.py accepts it as the gold standard
         split = datasets.make_split(digits, e.spec, seed=e.seed, val_idx=base["val_idx"])  # as unlearning.prepare
         assert split.forget.tolist() == gold["forget_idx"]
