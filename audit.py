@@ -37,7 +37,7 @@ import datasets
 from auditing import plan, run_audits, write_outputs
 from executors import TaskFailed, add_executor_flags, check_executor
 from experiments import add_experiment_flags, methods_help
-from privacy import ATTACKS
+from privacy import ATTACKS, challenge  # noqa: F401  audit.challenge: the challenge score, for outside checks
 from utils import add_precision_flag, cli, get_device
 
 
