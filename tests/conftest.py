@@ -1,12 +1,18 @@
-"""Shared fixtures: the repository on sys.path, a script runner, tiny trained checkpoints.
+"""Shared fixtures: the repository on sys.path, two script runners, tiny trained checkpoints.
 
 The checkpoints use timm's `test_resnet` (a few hundred thousand weights) on digits so
-that the end-to-end tests take seconds; the demo and README use ResNet-18.
+that the end-to-end tests take seconds; the demo and README use ResNet-18. They are
+trained once per session, in this process: the tests of train.py's command line run it
+as a process of its own.
 """
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -21,10 +27,28 @@ def run_script(script, *args, cwd=None, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def run_here(script, *args, cwd=None):
+    """A script's main function in this process, through the cli() wrapper that its command line
+    runs it with and with its sys.argv: the exit code, stdout and stderr as run_script returns
+    them, without the seconds a process start costs. For what a script prints and writes;
+    run_script is the user's path."""
+    import utils
+    module = importlib.import_module(script.removesuffix(".py"))
+    entry = getattr(module, "main_", None) or module.main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.chdir(cwd or ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(sys, "argv", [str(ROOT / script), *map(str, args)]):
+        try:
+            utils.cli(lambda: entry([*map(str, args)]))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def train_tiny(folder, *extra):
     """train.py on digits with timm's test_resnet, in the suite's precision (SALUN_PRECISION)."""
-    r = run_script("train.py", "--dataset", "digits", "--model", "test_resnet", "--epochs", "4",
-                   "--batch-size", "64", "--lr", "0.2", "-NL", "--save-dir", folder, *extra)
+    r = run_here("train.py", "--dataset", "digits", "--model", "test_resnet", "--epochs", "4",
+                 "--batch-size", "64", "--lr", "0.2", "-NL", "--save-dir", folder, *extra)
     assert r.returncode == 0, r.stderr
 
 

@@ -18,6 +18,7 @@ import metrics
 import privacy
 import train as train_script
 import utils
+from conftest import run_here
 from scripted import run
 
 DELTA = privacy.DELTA
@@ -357,9 +358,9 @@ def test_the_opt_in_deviations_train_n_originals_and_score_every_threshold(audit
     unlearned once, and every single threshold scored, a perfect separation in the last
     bucket. The originals knew class 3, so with no unlearning most samples separate."""
     shutil.copytree(audited["dir"] / "pool", tmp_path / "pool")
-    r = run("audit.py", "-c", audited["base"]["checkpoint"], "-CF", 3, "-M", "ga_small", "-LR", 0.05, "-E", 1,
-            "--batch-size", 64, "--models", N, "--shadows", K, "--originals", N, "--attacks", "exhaustive", "-NL",
-            "--out", tmp_path / "out", "--name", "b", "--models-dir", tmp_path / "pool", cwd=tmp_path)
+    r = run_here("audit.py", "-c", audited["base"]["checkpoint"], "-CF", 3, "-M", "ga_small", "-LR", 0.05, "-E", 1,
+                 "--batch-size", 64, "--models", N, "--shadows", K, "--originals", N, "--attacks", "exhaustive",
+                 "-NL", "--out", tmp_path / "out", "--name", "b", "--models-dir", tmp_path / "pool", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"{N} reference models trained" in r.stdout  # the originals alone
     result = json.loads((tmp_path / "out" / "b" / "audit.json").read_text())

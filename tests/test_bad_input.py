@@ -1,8 +1,10 @@
 """Bad input at every entry point, in one table: main.py (experiment files, flags,
 unsafe, damaged and old checkpoints, --resume), train.py, base_test.py, audit.py and the
 latent-space scripts. Each case must end in one line on stderr, exit code 2, no
-traceback, and nothing written. Scripts run as subprocesses with the working directory
-in a temporary folder, on conftest's tiny digits checkpoints.
+traceback, and nothing written. The first case of each script runs it as a subprocess,
+as a user would; the others call its main function in this process through the same
+cli() wrapper (a process start costs seconds, the check is the same). The working
+directory is a temporary folder; the checkpoints are conftest's tiny digits models.
 """
 import json
 import os
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT
+from conftest import ROOT, run_here
 from scripted import run
 
 
@@ -117,6 +119,14 @@ BAD_INDEX_FILES = [  # (id, content, message): each through main.py
 
 def case(id, script, args, files, message):
     return pytest.param(script, args, files, message, id=id)
+
+
+def as_subprocess(table):
+    """The id of each script's first case: those run as a process of their own."""
+    first = {}
+    for param in table:
+        first.setdefault(param.values[0], param.id)
+    return set(first.values())
 
 
 BAD_INPUT = [
@@ -244,14 +254,20 @@ BAD_INPUT = [
 ]
 
 
+SUBPROCESS = as_subprocess(BAD_INPUT)
+
+
 @pytest.mark.parametrize("script, args, files, message", BAD_INPUT)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpts, tmp_path, script, args, files, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpts, tmp_path, script, args, files, message, request):
     if not (ROOT / script).is_file():
         pytest.skip(f"{script} is not written yet")
     subs = {"tmp": tmp_path, "base": ckpts["base"], "gold": ckpts["gold"]}
     make_files(tmp_path, files, ckpts, subs)
     before = tree(tmp_path)
-    r = run(script, *fill(list(args), subs), cwd=tmp_path, timeout=120)
+    if request.node.callspec.id in SUBPROCESS:
+        r = run(script, *fill(list(args), subs), cwd=tmp_path, timeout=120)
+    else:
+        r = run_here(script, *fill(list(args), subs), cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "weights_only" not in r.stderr

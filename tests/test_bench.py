@@ -2,7 +2,7 @@
 import json
 
 import bench
-from conftest import run_script
+from conftest import run_here, run_script
 
 
 def test_smoke_mode_writes_every_row(tmp_path):
@@ -23,6 +23,6 @@ def test_smoke_mode_writes_every_row(tmp_path):
 
 
 def test_subset_and_unknown_rows():
-    proc = run_script("bench.py", "--smoke", "--rows", "mask_speedup,nope")
+    proc = run_here("bench.py", "--smoke", "--rows", "mask_speedup,nope")
     assert proc.returncode == 2
     assert "nope" in proc.stderr and "known:" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,12 +1,10 @@
 """Command lines: every script's -h shows each default, and the forget flags read alike."""
 import argparse
 import importlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import run_script
+from conftest import run_here
 
 SCRIPTS = ("train.py", "base_test.py", "feature_extraction.py", "tsne_vis.py", "wasserstein.py",
            "mask_vis.py", "bench.py", "audit.py")
@@ -14,11 +12,11 @@ SCRIPTS = ("train.py", "base_test.py", "feature_extraction.py", "tsne_vis.py", "
 
 @pytest.fixture(scope="module")
 def helps():
-    """`python <script> -h` of every script, run side by side (each one imports torch)."""
-    def run(script):  # wide enough that argparse wraps nothing
-        return run_script(script, "-h", env={"COLUMNS": "1000"}, timeout=120)
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        return dict(zip(SCRIPTS, pool.map(run, SCRIPTS)))
+    """`<script> -h` of every script as argparse prints it, in this process (each script's
+    own process is tested elsewhere), wide enough that argparse wraps nothing."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLUMNS", "1000")
+        return {script: run_here(script, "-h") for script in SCRIPTS}
 
 
 def options(script):

@@ -11,7 +11,7 @@ import utils
 from experiments import Experiment, experiment_names, method_problems, overrides, with_overrides
 from summary import cell, screen_table
 from utils import settings_problems
-from conftest import assert_is_top_saliency_mask, plain_forget_gradients, run_script
+from conftest import assert_is_top_saliency_mask, plain_forget_gradients, run_here, run_script
 from datasets import ForgetSpec, make_split
 from models import load_model
 
@@ -117,7 +117,7 @@ def test_do_nothing_row_carries_the_base_models_gap(finished_run):
 def test_do_nothing_baseline_for_random_forgetting(ckpts, more_golds, tmp_path):
     exps = [{"checkpoint": str(ckpts["base"]), "unlearning_rate": 0.1, "method": m, "lr": 0.03, "epochs": 1,
              "retrained": str(more_golds["rf"])} for m in ("ft", "rl")]
-    r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path)
+    r = run_here("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     rows = summary_rows(run_dir)
@@ -141,7 +141,7 @@ def test_base_test_and_main_agree_on_the_gold_standard(finished_run, ckpts, tmp_
 def test_resume_of_a_finished_run_does_nothing_more(finished_run):
     run_dir, first = finished_run
     before = (run_dir / "results.jsonl").read_text()
-    r = run_script("main.py", "--resume", run_dir, "-NL")
+    r = run_here("main.py", "--resume", run_dir, "-NL")
     assert r.returncode == 0, r.stderr
     assert "4 already done" in r.stdout
     assert (run_dir / "results.jsonl").read_text() == before
@@ -155,7 +155,7 @@ def test_resume_redoes_only_missing_runs_and_drops_a_torn_line(finished_run, tmp
         (copy / name).write_text((run_dir / name).read_text())
     lines = (run_dir / "results.jsonl").read_text().splitlines()
     (copy / "results.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
-    r = run_script("main.py", "--resume", copy, "-NL")
+    r = run_here("main.py", "--resume", copy, "-NL")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("ignoring unreadable line") == 1
     redone = [json.loads(x) for x in (copy / "results.jsonl").read_text().splitlines()]
@@ -182,7 +182,7 @@ def test_resume_redoes_only_missing_runs_and_drops_a_torn_line(finished_run, tmp
 ])
 def test_bad_experiment_is_rejected_before_any_compute(ckpts, tmp_path, entry, message):
     exps = [base_exp(ckpts), {**base_exp(ckpts), **entry}]
-    r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
+    r = run_here("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert message in r.stderr and "experiment 1" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -192,7 +192,7 @@ def test_every_problem_is_reported_one_line_each(ckpts, tmp_path):
     """An unknown key does not hide the experiment's other problems, of any kind."""
     exps = [{"bogus": 1, **base_exp(ckpts), "epochs": "2", "lr": float("nan"), "checkpoint": "nope.pt"},
             base_exp(ckpts, method="magic", mask_thr=2.0)]
-    r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
+    r = run_here("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 6, r.stderr
     for line, part in zip(lines, ("unknown key 'bogus'", "epochs: expected int", "lr: must be a finite",
@@ -207,13 +207,13 @@ def test_every_problem_is_reported_one_line_each(ckpts, tmp_path):
     ("[1, 2]", "list of experiment objects"),
 ])
 def test_malformed_experiment_file(tmp_path, content, message):
-    r = run_script("main.py", "-L", write(tmp_path, content), "-NL", "--out", tmp_path / "out")
+    r = run_here("main.py", "-L", write(tmp_path, content), "-NL", "--out", tmp_path / "out")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_retrained_with_another_forget_set_is_rejected(ckpts, tmp_path):
     exps = [{**base_exp(ckpts), "class_to_forget": 1, "retrained": str(ckpts["gold"])}]
-    r = run_script("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
+    r = run_here("main.py", "-L", write(tmp_path, exps), "-NL", "--out", tmp_path / "out")
     assert r.returncode == 2 and "retrained" in r.stderr
     assert f"{ckpts['gold']} was retrained without 136 samples, not the 127 this experiment forgets (class 1)" \
         in r.stderr
@@ -223,14 +223,14 @@ def test_retrained_with_another_validation_set_is_rejected(ckpts, tmp_path):
     gold = utils.load_checkpoint(ckpts["gold"])
     other = tmp_path / "other_seed.pt"
     utils.save_checkpoint(other, gold["state_dict"], dict(gold["config"], val_idx=gold["config"]["val_idx"][1:], seed=9))
-    r = run_script("main.py", "-L", write(tmp_path, [base_exp(ckpts, retrained=str(other))]), "-NL",
-                   "--out", tmp_path / "out")
+    r = run_here("main.py", "-L", write(tmp_path, [base_exp(ckpts, retrained=str(other))]), "-NL",
+                 "--out", tmp_path / "out")
     assert r.returncode == 2 and "holds out another validation set" in r.stderr and "train both with one --seed" in r.stderr
 
 
 def test_single_experiment_from_flags_and_nexp_zero(ckpts, tmp_path):
-    r = run_script("main.py", "-c", ckpts["base"], "-CF", "0", "-E", "1", "-M", "ft", "--nexp", "0", "-NL",
-                   "--out", tmp_path)
+    r = run_here("main.py", "-c", ckpts["base"], "-CF", "0", "-E", "1", "-M", "ft", "--nexp", "0", "-NL",
+                 "--out", tmp_path)
     assert r.returncode == 2 and "--nexp" in r.stderr
     r = run_script("main.py", "-c", ckpts["base"], "-CF", "0", "-E", "1", "-M", "ga_small", "-LR", "0.01",
                    "-UM", "-MT", "0.5", "-NL", "--out", tmp_path)
@@ -257,10 +257,10 @@ def test_resume_refuses_flags_that_would_change_the_run(finished_run, tmp_path):
     run_dir, _ = finished_run
     before = sorted(p.name for p in run_dir.iterdir())
     for extra in (("-L", "exp/demo.json"), ("--nexp", "5"), ("-LR", "0.5"), ("--seed", "3")):
-        r = run_script("main.py", "--resume", run_dir, *extra, "-NL")
+        r = run_here("main.py", "--resume", run_dir, *extra, "-NL")
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert f"--resume continues {run_dir} exactly as it was configured; {extra[0]} would change it" in r.stderr
-    r = run_script("main.py", "--resume", tmp_path / "nope", "-NL")
+    r = run_here("main.py", "--resume", tmp_path / "nope", "-NL")
     assert r.returncode == 2 and f"run folder {tmp_path / 'nope'} not found" in r.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
@@ -272,7 +272,7 @@ def test_resume_refuses_results_of_another_run(finished_run, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(dict(config, run_id="0" * 32)))
     (other / "results.jsonl").write_text((run_dir / "results.jsonl").read_text())
-    r = run_script("main.py", "--resume", other, "-NL")
+    r = run_here("main.py", "--resume", other, "-NL")
     assert r.returncode == 2 and "holds 4 result line(s) of another run" in r.stderr
     assert sorted(p.name for p in other.iterdir()) == ["config.json", "results.jsonl"]
 

@@ -6,7 +6,7 @@ import torch
 
 import datasets
 import metrics
-from conftest import run_script
+from conftest import run_here
 from models import load_model
 from utils import compute_for
 
@@ -123,7 +123,7 @@ def test_gold_standards_forget_set_looks_like_unseen_data_to_the_loss_attack(mor
     """A model that never trained on the forget set cannot tell it from other unseen samples
     of its distribution: the loss attack's AUC reads 50, up to the sampling noise of ~130
     forget samples (a standard error of about 5 points for class 3, 3 for a random 10%)."""
-    r = run_script("base_test.py", "-c", more_golds[gold], "--out", tmp_path)
+    r = run_here("base_test.py", "-c", more_golds[gold], "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(next(tmp_path.glob("base_test_*.json")).read_text())
     assert 40 <= row["loss_MIA_AUC"] <= 60, row["loss_MIA_AUC"]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT
+from conftest import ROOT, run_here
 from scripted import FAST, run
 
 ray = pytest.importorskip("ray")
@@ -215,17 +215,19 @@ def test_executor_flags_are_checked_before_anything_runs(ckpts, tmp_path, flags,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("script, flags", [("main.py", ("-CF", "0", "-E", "1")),
-                                           ("audit.py", ("-CF", "3", "-M", "rl", "--models-dir", "pool"))])
-def test_an_address_where_no_cluster_answers_fails_at_once(ckpts, tmp_path, script, flags):
+@pytest.mark.parametrize("script, flags, runner", [
+    ("main.py", ("-CF", "0", "-E", "1"), run),  # as a user runs it
+    ("audit.py", ("-CF", "3", "-M", "rl", "--models-dir", "pool"), run_here),  # in this process: the same check
+])
+def test_an_address_where_no_cluster_answers_fails_at_once(ckpts, tmp_path, script, flags, runner):
     """--ray-address on localhost where nothing listens: one line naming the address, within
     seconds (Ray alone retries for minutes), exit code 2 and nothing written."""
     with socket.socket() as s:  # a port that was free a moment ago, and nothing listens on now
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     start = time.perf_counter()
-    r = run(script, "-c", ckpts["base"], *flags, "-NL", "--out", "out", "--executor", "ray", "--ray-address", address,
-            cwd=tmp_path, timeout=60)
+    r = runner(script, "-c", ckpts["base"], *flags, "-NL", "--out", "out", "--executor", "ray", "--ray-address",
+               address, cwd=tmp_path)
     assert time.perf_counter() - start < 30
     assert r.returncode == 2 and r.stderr.splitlines() == [r.stderr.strip()], r.stderr
     assert r.stderr.startswith(f"error: no Ray cluster answers at {address} ("), r.stderr

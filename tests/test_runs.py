@@ -1,8 +1,9 @@
 """Whole runs of main.py: twin runs started in the same second get folders of their
 own and the same numbers for the same seed, a killed run resumes to the uninterrupted
 result, a diverging experiment is recorded and the list goes on, and wandb with no
-network goes offline and says so once. main.py runs as a subprocess with the working
-directory in a temporary folder, on conftest's tiny digits checkpoints.
+network goes offline and says so once. main.py runs as a subprocess (the diverging list
+in this process, through its cli() wrapper) with the working directory in a temporary
+folder, on conftest's tiny digits checkpoints.
 """
 import csv
 import json
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT
+from conftest import ROOT, run_here
 from scripted import FAST, run
 
 
@@ -140,7 +141,7 @@ def test_diverging_run_is_recorded_and_the_list_goes_on(ckpts, tmp_path):
     exps = [{**base, "method": "ga", "lr": 1e6, "epochs": 3, "retrained": str(ckpts["gold"])},
             {**base, "method": "ft", "lr": 0.01, "epochs": 1}]
     (tmp_path / "div.json").write_text(json.dumps(exps))
-    r = run("main.py", "-L", "div.json", "-NL", "--out", tmp_path / "out", cwd=tmp_path)
+    r = run_here("main.py", "-L", "div.json", "-NL", "--out", tmp_path / "out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     (run_dir,) = (tmp_path / "out").iterdir()
     diverged, after = read_rows(run_dir)

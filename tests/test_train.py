@@ -8,7 +8,7 @@ import experiments
 import train as train_script
 import models
 import utils
-from conftest import run_script
+from conftest import run_here
 from scripted import run
 from datasets import ForgetSpec
 
@@ -16,7 +16,8 @@ TINY = ("--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "-NL")
 
 
 def train(tmp_path, *extra):
-    r = run_script("train.py", *TINY, "--save-dir", tmp_path, *extra)
+    """train.py in this process; the test of an interrupted training runs it as a process of its own."""
+    r = run_here("train.py", *TINY, "--save-dir", tmp_path, *extra)
     assert r.returncode == 0, r.stderr
     return r
 
@@ -58,7 +59,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     train(tmp_path, "--comment", "x")
     path = tmp_path / "test_resnet_digits_x.pt"
     before = path.read_bytes()
-    r = run_script("train.py", *TINY, "--save-dir", tmp_path, "--comment", "x")
+    r = run_here("train.py", *TINY, "--save-dir", tmp_path, "--comment", "x")
     assert r.returncode == 2 and "--overwrite" in r.stderr and path.read_bytes() == before
     train(tmp_path, "--comment", "x", "--overwrite", "--seed", "3")
     assert path.read_bytes() != before
