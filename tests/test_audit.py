@@ -100,6 +100,7 @@ def test_the_official_rules_match_a_plain_implementation_of_the_scorer():
     assert got_eps == pytest.approx(eps, abs=1e-5)  # the scorer's float32 against float64 here
     assert got_f == f and got_eps[0] == 50
     assert 0 < f < 1 and len(set(got_points)) > 2  # the cases reach several buckets
+    assert audit.challenge is privacy.challenge  # the entry point outside checks call
 
 
 def test_official_buckets_at_32_models():
