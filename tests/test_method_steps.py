@@ -220,7 +220,14 @@ def test_bad_teacher_is_an_adam_step_on_the_element_wise_mean_kl(setting):
     with torch.no_grad():  # Adam's first step: m_hat = g, v_hat = g^2
         for p, g in zip(params, grads):
             p -= lr * g / (g.abs() + 1e-8)
-    assert_same_weights(run_method(setting, "bad_teacher", lr=lr, retain_fraction=1.0), want, rtol=1e-3, atol=1e-6)
+    got = run_method(setting, "bad_teacher", lr=lr, retain_fraction=1.0)
+    # The step is lr * g / (|g| + 1e-8): about lr * sign(g) wherever |g| is well above 1e-8. Where a
+    # gradient is near 0, summation order alone moves it across that scale, so there the step is
+    # only checked to be at most lr, as Adam's first step always is.
+    for (n, p), q, p0, g in zip(got.named_parameters(), want.parameters(), setting[1].parameters(), grads):
+        clear = g.abs() > 1e-6
+        assert torch.allclose(p[clear], q[clear], rtol=1e-4, atol=1e-7), n
+        assert ((p - p0).abs() <= lr * (1 + 1e-3) + 1e-7).all(), n
     # Adam's step hardly sees the loss's scale; SGD's shows it is the mean over batch x classes
     want = expected_model(setting)
     logits = want(x)
