@@ -44,7 +44,7 @@ from datasets import ForgetSpec
 from executors import EXECUTOR_FLAGS, TaskFailed, Workers, start_ray
 from experiments import Experiment, experiment_names, from_args, resolve
 from methods import METHODS
-from models import load_model, load_model_checkpoint, model_from_config
+from models import load_model_checkpoint, model_from_config
 from privacy import ATTACKS, BUCKET, chance_f, shadow_halves, thin_roc, ulira
 from references import Pool, Reference, recipe_of, train_reference
 from training import Recipe, fit
@@ -150,7 +150,8 @@ def trained_originals(config):
 class Audit:
     """The reference models of one checkpoint and forget set, their signals, and the audits on them."""
 
-    def __init__(self, e, cfg, ds, compute, config, executor, bar):
+    def __init__(self, e, ckpt, ds, compute, config, executor, bar):
+        cfg = ckpt["config"]
         self.n, self.attacks, self.per_sample = config["models"], config["attacks"], config["per_sample_variance"]
         self.executor, self.bar = executor, bar
         split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
@@ -166,9 +167,11 @@ class Audit:
         models = executor.references(self.pool, recipe_of(cfg), split.val, references, bar)
         self.golds, self.originals, self.shadows = models[:n], models[n:n + m], models[n + m:]
         if not self.originals:  # the challenge's protocol: the audited checkpoint is the one original
-            self.originals = [load_model(e.checkpoint, ds.device)[0].eval()]
-        self.gold_signals = [(self.scope.phi(g), self.scope.evaluate(g)) for g in self.golds]
-        self.f_identical = chance_f(np.stack([g[0] for g in self.gold_signals]), self.attacks)
+            self.originals = [self.pool.model(ckpt["state_dict"]).eval()]
+        gold_signals = [(self.scope.phi(g), self.scope.evaluate(g)) for g in self.golds]
+        self.phi_retrained = np.stack([phi for phi, _ in gold_signals])
+        self.gold_metrics = {k: float(np.mean([m[k] for _, m in gold_signals])) for k in ("UA", "RA", "TA", "MIA")}
+        self.f_identical = chance_f(self.phi_retrained, self.attacks)
 
     def base(self, run):
         return (self.originals if run.kind == "original" else self.shadows)[run.base]
@@ -203,12 +206,10 @@ class Audit:
                     seconds=time.perf_counter() - start)
 
     def score(self, phi_targets, phi_shadows, target_metrics):
-        phi_u, phi_r = np.stack(phi_targets), np.stack([g[0] for g in self.gold_signals])
+        phi_u, phi_r, gold = np.stack(phi_targets), self.phi_retrained, self.gold_metrics
         eps, points, f = ATTACKS[self.attacks][0](phi_u, phi_r)
         pos, neg, lira = ulira(np.stack(phi_shadows), self.halves, phi_u, phi_r, self.per_sample)
-        keys = ("UA", "RA", "TA", "MIA")
-        mean = {k: float(np.mean([m[k] for m in target_metrics])) for k in keys}
-        gold = {k: float(np.mean([g[1][k] for g in self.gold_signals])) for k in keys}
+        mean = {k: float(np.mean([m[k] for m in target_metrics])) for k in gold}
         fpr, tpr = lira.pop("roc")
         return {"F": f, "F_identical": self.f_identical,
                 "score": f * mean["RA"] / gold["RA"] * mean["TA"] / gold["TA"], **lira,
@@ -457,12 +458,13 @@ def run_audits(experiments, config, run_dir, args, device):
     with contextlib.closing(executor):
         for members in groups.values():
             e0 = experiments[members[0]]
-            cfg = load_model_checkpoint(e0.checkpoint)["config"]
+            ckpt = load_model_checkpoint(e0.checkpoint)
+            cfg = ckpt["config"]
             if cfg["dataset"] not in loaded:
                 loaded[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], config["data_dir"], device)
             todo = [i for i in members if i not in rows]
             with tqdm(total=n + m + k + len(todo) * (n + k), unit="model") as bar:
-                audit = Audit(e0, cfg, loaded[cfg["dataset"]], compute, config, executor, bar)
+                audit = Audit(e0, ckpt, loaded[cfg["dataset"]], compute, config, executor, bar)
                 seconds += audit.pool.seconds
                 ordered.append(dict(audit.baseline(), experiment=f"no unlearning ({e0.spec.describe()})"))
                 for i in todo:

@@ -41,7 +41,7 @@ class Experiment:
                                  "Adam for bad_teacher)", "(0, inf)", flags=("-LR", "--lr"))
     epochs: int = setting(10, "unlearning epochs", "[1, inf)", flags=("-E", "--epochs"))
     method: str = setting("rl_split", "the unlearning method: " + ", ".join(METHODS), flags=("-M", "--method"))
-    method_args: dict = setting({}, "the method's own settings (see the README's method table)",
+    method_args: dict = setting({}, "the method's own settings (python methods.py lists them)",
                                 flags=("-MA", "--method-arg"))
     tag: str = setting(None, "a name for the experiment (default: built from method, mask and forget set)",
                        flags=("-T", "--tag"))

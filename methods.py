@@ -38,7 +38,7 @@ class Run:
     batch_size: int
     gen: torch.Generator  # on the data's device; shuffles, augments, draws random labels
     compute: Compute
-    lr: float = 0.1  # SGD's (momentum 0.9, weight decay 5e-4); one-shot methods ignore it
+    lr: float = 0.1  # the method's optimizer's (SGD unless the method says); one-shot methods ignore it
     epochs: int = 1
     new_model: object = None  # () -> a newly initialised model of the same architecture
     freeze_bn: bool = False  # BatchNorm layers in eval mode while unlearning: running statistics stay put
@@ -191,6 +191,9 @@ def step(opt, loss, mask):
         mask.restore()
 
 
+BATCH_NORM = torch.nn.modules.batchnorm._BatchNorm
+
+
 def train_mode(model, run):
     """Train mode; with run.freeze_bn, BatchNorm layers stay in eval mode. A mask keeps
     parameters in place, but BatchNorm's running statistics are buffers: in train mode
@@ -198,7 +201,7 @@ def train_mode(model, run):
     model.train()
     if run.freeze_bn:
         for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, BATCH_NORM):
                 m.eval()
 
 
@@ -629,22 +632,21 @@ def last_layers(model, s):
         if s.k >= len(stages):
             raise UserError(f"k={s.k}, but {type(model).__name__} has {len(stages)} stages with weights "
                             f"({', '.join(stages)}); k must leave at least one frozen")
-        tail = [f"{stage}.{n}" if n else stage for stage in stages[-s.k:]
+        tail = [(f"{stage}.{n}" if n else stage, m) for stage in stages[-s.k:]
                 for n, m in model.get_submodule(stage).named_modules()]
     else:
-        found = [n for n, m in model.named_modules()
-                 if isinstance(m, LAYER_TYPES + (torch.nn.modules.batchnorm._BatchNorm,))]
-        count = sum(isinstance(model.get_submodule(n), LAYER_TYPES) for n in found)
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES + (BATCH_NORM,))]
+        count = sum(isinstance(m, LAYER_TYPES) for _, m in found)
         if s.k >= count:
             raise UserError(f"k={s.k}, but {type(model).__name__} has {count} Conv/Linear layers; "
                             f"k must leave at least one frozen")
         tail, seen = [], 0
-        for n in reversed(found):
-            tail.append(n)
-            seen += isinstance(model.get_submodule(n), LAYER_TYPES)
+        for n, m in reversed(found):
+            tail.append((n, m))
+            seen += isinstance(m, LAYER_TYPES)
             if seen == s.k:
                 break
-    return tail, [n for n in tail if isinstance(model.get_submodule(n), LAYER_TYPES)]
+    return [n for n, _ in tail], [n for n, m in tail if isinstance(m, LAYER_TYPES)]
 
 
 def train_last_layers(model, run, trained, mask):

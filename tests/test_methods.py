@@ -96,7 +96,8 @@ UNLEARNING = sorted(set(METHODS) - {"retrain"})  # retrain starts from a new mod
 # (lr 0.03, 2 epochs left one at 76%).
 EFFECTIVE = {"rl": (0.1, 2, {}), "rl_split": (0.1, 2, {}), "ga": (0.1, 2, {}), "ga_small": (0.05, 2, {}),
              "ft": (0.5, 3, {}), "neggrad_plus": (0.1, 2, {}), "scrub": (0.1, 2, {}), "l1_sparse": (0.5, 3, {}),
-             "bad_teacher": (0.001, 2, {}), "boundary_shrink": (0.05, 3, {"eps": 0.3}), "boundary_expanding": (0.2, 3, {}),
+             "bad_teacher": (0.001, 2, {}), "boundary_shrink": (0.05, 3, {"eps": 0.3}),
+             "boundary_expanding": (0.2, 3, {}),
              "cf_k": (0.5, 3, {"k": 3}), "eu_k": (0.1, 2, {}), "ssd": (0.1, 1, {"alpha": 0.5, "lam": 0.1})}
 
 
