@@ -43,16 +43,12 @@ def ray_address():
 def experiments(ckpts, failing=False):
     """A masked run with a gold standard, gradient ascent on a random 10% and, when asked, a
     method setting that passes the checks but raises when the run starts (cf_k needs k below the
-    model's number of layers), then a ten-epoch run: the study is still running when the test's
-    Ctrl-C arrives, however fast the first three finish (a Ctrl-C that lands as the study ends
-    has nothing left to stop). Tags keep the first two named alike in both lists."""
+    model's number of layers)."""
     base = {"checkpoint": str(ckpts["base"]), "epochs": 1}
     exps = [{**base, "class_to_forget": 0, "method": "rl", "lr": 0.03, "use_mask": True,
-             "retrained": str(ckpts["gold"]), "tag": "masked"},
-            {**base, "unlearning_rate": 0.1, "method": "ga_small", "lr": 0.01, "tag": "ascent"}]
-    return exps + ([{**base, "class_to_forget": 0, "method": "cf_k", "method_args": {"k": 100}},
-                    {**base, "class_to_forget": 0, "method": "rl", "lr": 0.03, "epochs": 10, "tag": "long"}]
-                   if failing else [])
+             "retrained": str(ckpts["gold"])},
+            {**base, "unlearning_rate": 0.1, "method": "ga_small", "lr": 0.01}]
+    return exps + ([{**base, "class_to_forget": 0, "method": "cf_k", "method_args": {"k": 100}}] if failing else [])
 
 
 def rows_of(run_dir):
@@ -62,9 +58,13 @@ def rows_of(run_dir):
 
 
 def start(tmp, *args, script="main.py"):
+    """The script as a terminal starts it, Ctrl-C included: a suite run in the background (`make
+    test &`, a CI runner) has SIGINT ignored, which its children would inherit, and Python then
+    never raises KeyboardInterrupt."""
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=tmp, text=True,
                             env=dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", **FAST),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def interrupt_after_first_line(proc, results, timeout=240):
@@ -120,7 +120,7 @@ def test_ray_gives_the_local_numbers_run_for_run(study):
 def test_ctrl_c_prints_the_resume_command_and_keeps_whole_lines(study):
     stopped = study["stopped"]
     assert stopped["code"] == 130, stopped["stderr"]
-    assert 1 <= stopped["kept"].count("\n") < 4 and stopped["kept"].endswith("\n")
+    assert 1 <= stopped["kept"].count("\n") < 3 and stopped["kept"].endswith("\n")
     said = [line for line in stopped["stderr"].replace("\r", "\n").splitlines() if "resume with" in line]
     assert len(said) == 1 and said[0].endswith(f"resume with: python {ROOT / 'main.py'} --resume out/ray -NL")
     assert "Traceback" not in stopped["stderr"]
@@ -132,7 +132,7 @@ def test_a_task_that_raises_is_recorded_while_the_others_finish(study):
     finished = [line for line in study["stopped"]["kept"].splitlines() if '"failed"' not in line]
     assert (run_dir / "results.jsonl").read_text().splitlines()[:len(finished)] == finished  # nothing redone
     rows = rows_of(run_dir)
-    assert set(rows) == {(0, 0), (1, 0), (2, 0), (3, 0)}
+    assert set(rows) == {(0, 0), (1, 0), (2, 0)}
     failed = rows[2, 0]
     assert failed["failed"].startswith("UserError: k=100, but ResNet has") and failed["attempts"] == 2
     assert failed["metrics"] is None and failed["seed"] == 0
