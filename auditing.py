@@ -154,7 +154,7 @@ class Audit:
         cfg = ckpt["config"]
         self.n, self.attacks, self.per_sample = config["models"], config["attacks"], config["per_sample_variance"]
         self.executor, self.bar = executor, bar
-        split = datasets.make_split(ds, e.spec, seed=e.seed, val_idx=cfg["val_idx"])
+        split = datasets.make_split(ds, e.spec, seed=e.split_seed, val_idx=cfg["val_idx"])
         self.scope, self.forget = Scope(ds, split, cfg, compute), split.forget
         self.pool = Pool(config["models_dir"], ds, compute, cfg)
         self.halves = shadow_halves(len(self.forget), config["shadows"], SHADOW_SEED + e.seed)
@@ -370,7 +370,7 @@ class RayExecutor:
 # ---------------------------------------------------------------- planning, running, outputs
 
 def pool_key(e):
-    return (e.checkpoint, repr(e.spec), e.seed)
+    return (e.checkpoint, repr(e.spec), e.split_seed)
 
 
 def check_counts(n, k, originals):

@@ -6,6 +6,7 @@
     python bench.py --quick --rows mask_speedup,wasserstein_speedup
     python bench.py --smoke --json /tmp/b.json    # tiny sizes: tests the code paths, not the speed
     python bench.py --rows ray_runs_ratio          # main.py --executor ray against local, same list of runs
+    python bench.py --rows trial_overhead          # a tune.py trial's wall time over its unlearning time
 
 Each row builds ours and a reference for the same work in this one process, warms
 both up, then times them in turn for a few repeats (the order swapped every repeat,
@@ -57,6 +58,7 @@ SIZES = {
         "rte_ratio": dict(train=None, repeats=3),
         "ray_runs_ratio": dict(experiments=4, nexp=6, repeats=1),
         "ray_gpu_packing": dict(experiments=4, nexp=4, repeats=1),
+        "trial_overhead": dict(datasets=("digits", "fashionmnist"), repeats=3),
     },
     "quick": {
         "seed_pipeline_speedup": dict(batch=32, batches=1, repeats=3),
@@ -68,6 +70,7 @@ SIZES = {
         "rte_ratio": dict(train=None, repeats=1),
         "ray_runs_ratio": dict(experiments=4, nexp=1, repeats=1),
         "ray_gpu_packing": dict(experiments=4, nexp=2, repeats=1),
+        "trial_overhead": dict(datasets=("digits",), repeats=2),
     },
     "smoke": {
         "seed_pipeline_speedup": dict(batch=4, batches=1, repeats=1),
@@ -79,6 +82,7 @@ SIZES = {
         "rte_ratio": dict(train=160, repeats=1),
         "ray_runs_ratio": dict(experiments=1, nexp=1, repeats=1),
         "ray_gpu_packing": dict(experiments=1, nexp=1, repeats=1),
+        "trial_overhead": dict(datasets=("digits",), repeats=1),
     },
 }
 
@@ -476,16 +480,21 @@ def rte_ratio(size, device, workers):
 RAY_METHODS = ("rl", "ft", "ga_small", "rl_split")  # the fixed list: these, with the mask on every other one
 
 
-def ray_study(folder, size, device):
-    """A digits base model (one epoch of train.py) and the fixed list of unlearning runs on it."""
+def one_epoch_model(folder, size, device, dataset="digits", *flags):
+    """train.py, one epoch: a checkpoint to time unlearning on (its accuracy does not matter)."""
     import subprocess
     from utils import UserError
     r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-                        "--dataset", "digits", "--model", size["model"], "--epochs", "1", "--batch-size", "64",
-                        "--precision", size["precision"], "--device", str(device), "-NL", "--save-dir", folder],
-                       capture_output=True, text=True)
+                        "--dataset", dataset, "--model", size["model"], "--epochs", "1", "--batch-size", "64",
+                        "--precision", size["precision"], "--device", str(device), "-NL", "--save-dir", folder,
+                        "--data-dir", data_dir(dataset), *flags], capture_output=True, text=True)
     if r.returncode != 0:
-        raise UserError(f"train.py for the Ray rows failed: {r.stderr.strip().splitlines()[-1:]}")
+        raise UserError(f"train.py for bench.py failed: {r.stderr.strip().splitlines()[-1:]}")
+
+
+def ray_study(folder, size, device):
+    """A digits base model (one epoch of train.py) and the fixed list of unlearning runs on it."""
+    one_epoch_model(folder, size, device)
     base = os.path.join(folder, f"{size['model']}_digits_base.pt")
     exps = [{"checkpoint": base, "class_to_forget": 0, "method": RAY_METHODS[i % len(RAY_METHODS)], "lr": 0.01,
              "epochs": 1, "use_mask": i % 2 == 1} for i in range(size["experiments"])]
@@ -545,6 +554,68 @@ def ray_gpu_packing(size, device, workers):
                   "runs/min at " + ", ".join(f"{n}/GPU: {60 * runs / seconds[n]:.1f}" for n in per_gpu))
 
 
+def data_dir(dataset):
+    """Where the dataset is: Debian's folder for an installed dataset-fashion-mnist, else the default."""
+    import datasets
+    debian = datasets.DEBIAN_FASHION_MNIST
+    return debian if dataset == "fashionmnist" and os.path.isdir(debian) else datasets.DEFAULT_DATA_DIR
+
+
+def overheads(folder, size, device, dataset):
+    """((trial wall, RTE, ratio), (main.py run wall, RTE, ratio)), medians over repeats, on one
+    dataset; None when it is not installed."""
+    import datasets
+    import tuning
+    from experiments import Experiment
+    from unlearning import prepare, unlearn
+    from utils import Logger, compute_for
+    try:
+        datasets.load_dataset(dataset, data_dir(dataset))
+    except datasets.DatasetMissing:
+        return None
+    for flags in ((), ("--cf", "0")):
+        one_epoch_model(folder, size, device, dataset, *flags)
+    path = lambda tail: os.path.join(folder, f"{size['model']}_{dataset}_{tail}.pt")  # noqa: E731
+    compute, quiet = compute_for(device, size["precision"]), Logger(False, "", "", {})
+    cache = {"data_dir": data_dir(dataset)}
+    trial = Experiment(checkpoint=path("base"), class_to_forget=0, retrained=path("cf0"), method="rl", lr=0.01,
+                       epochs=1)
+    task = {"experiment": vars(trial), "params": {}, "weights": tuning.DEFAULT_WEIGHTS,
+            "retain_sample": tuning.RETAIN_SAMPLE, "history": None}
+    run = Experiment(checkpoint=path("base"), class_to_forget=0, method="boundary_shrink", lr=0.01, epochs=5)
+    tuning.run_trial(task, compute, cache, quiet)  # warm-up: data, models, gold evaluation
+    ctx = prepare(run, compute, cache)
+    trials, runs = [], []
+    for _ in range(size["repeats"]):
+        out = tuning.run_trial(task, compute, cache, quiet)
+        trials.append((out["wall_s"], out["rte_s"]))
+        start = time.perf_counter()
+        result = unlearn(run, ctx, 0, quiet)[2]
+        runs.append((time.perf_counter() - start, result["rte_s"]))
+    return [(statistics.median(w for w, _ in x), statistics.median(r for _, r in x),
+             statistics.median(w / r for w, r in x)) for x in (trials, runs)]
+
+
+def trial_overhead(size, device, workers):
+    """A tune.py trial's wall time over its unlearning time (rl, one epoch, class 0: the trial
+    evaluates the forget set, the validation set and 1000 retain samples once), on the largest
+    of size["datasets"] installed; the note gives every dataset's, and main.py's for a 5-epoch
+    forget-set method (boundary_shrink: curve points from samples, one full evaluation at the end,
+    with the attacks). One-epoch models of train.py: their accuracy does not change the cost."""
+    import tempfile
+    measured = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for dataset in size["datasets"]:
+            got = overheads(folder, size, device, dataset)
+            if got:
+                measured[dataset] = got
+    last = list(measured)[-1]
+    (wall, rte, ratio), _ = measured[last]
+    note = "; ".join(f"{d}: trial {t[2]:.2f} ({t[0]:.1f}s / {t[1]:.1f}s), main.py 5-epoch boundary_shrink "
+                     f"{r[2]:.2f} ({r[0]:.1f}s / {r[1]:.1f}s)" for d, (t, r) in measured.items())
+    return Result(wall, rte, ratio, f"{last}, {size['model']}, {size['repeats']} repeat(s)", note)
+
+
 ROWS = {  # name -> (function, direction, goal)
     "seed_pipeline_speedup": (seed_pipeline_speedup, ">=", 8.0),
     "data_path_speedup": (data_path_speedup, ">=", 10.0),
@@ -554,6 +625,7 @@ ROWS = {  # name -> (function, direction, goal)
     "tsne_speedup": (tsne_speedup, ">=", 2.5),
     "rte_ratio": (rte_ratio, "<=", 0.10),
     "ray_runs_ratio": (ray_runs_ratio, ">=", 0.8),
+    "trial_overhead": (trial_overhead, "<=", 1.3),
 }
 if torch.cuda.is_available():  # packing runs on a GPU means nothing without one
     ROWS["ray_gpu_packing"] = (ray_gpu_packing, ">=", 1.0)

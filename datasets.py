@@ -191,6 +191,7 @@ def _find_idx(folder, tv_name):
     return None
 
 
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # where apt-get install dataset-fashion-mnist puts it
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -200,7 +201,7 @@ def _mnist_like(name, folder):
     tv_name = "FashionMNIST" if name == "fashionmnist" else "MNIST"
     files = _find_idx(folder, tv_name)
     if files is None:
-        how = ("apt-get install dataset-fashion-mnist and pass --data-dir /usr/share/datasets/fashion-mnist"
+        how = (f"apt-get install dataset-fashion-mnist and pass --data-dir {DEBIAN_FASHION_MNIST}"
                if name == "fashionmnist" else _torchvision_how(tv_name, folder))
         cls = getattr(torchvision.datasets, tv_name)
         _download(name, folder, how, lambda: cls(folder, train=True, download=True))

@@ -182,14 +182,20 @@ class Workers:
     def run(self, tasks, submit, done, failed, describe, bar):
         """Every task (an object with an `attempts` count) through `submit(worker, task)`, which
         returns its Ray reference; `done(task, out)` or `failed(task, why)` as each one ends. A
-        task that raises or loses its worker is tried once more (a lost worker is replaced)."""
-        ray, tasks, running = self.ray, collections.deque(tasks), {}
-        while tasks or running:
-            while tasks and self.idle:
-                task, worker = tasks.popleft(), self.idle.pop()
+        task that raises or loses its worker is tried once more (a lost worker is replaced).
+        `tasks` may be a generator: a task is drawn only when a worker is free for it, after
+        every task that ended before it was handed to `done` (tune.py asks Optuna then)."""
+        ray, pending, retry, running = self.ray, iter(tasks), collections.deque(), {}
+
+        def next_task():
+            return retry.popleft() if retry else next(pending, None)
+
+        while True:
+            while self.idle and (task := next_task()) is not None:
+                worker = self.idle.pop()
                 running[submit(worker, task)] = (task, worker, time.perf_counter())
-            if not running:  # every worker is lost and none could be started again
-                for task in tasks:
+            if not running:  # nothing left to run, or every worker is lost and none could start again
+                while (task := next_task()) is not None:
                     failed(task, "no Ray worker left to run it")
                 break
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
@@ -206,7 +212,7 @@ class Workers:
                     task.attempts += 1
                     if task.attempts <= RETRIES:
                         tqdm.write(f"{describe(task)}: {why}; trying it once more", file=sys.stderr)
-                        tasks.appendleft(task)
+                        retry.append(task)
                     else:
                         failed(task, why)
                     continue

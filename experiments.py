@@ -38,8 +38,8 @@ class Experiment:
     use_mask: bool = setting(False, "update only the salient weights (SalUn's mask)", flags=("-UM", "--use-mask"))
     mask_thr: float = setting(0.5, "fraction of all weights the mask keeps", "(0, 1]", flags=("-MT", "--mask-thr"))
     lr: float = setting(0.1, "learning rate of the method's optimizer (SGD with momentum 0.9, weight decay 5e-4; "
-                                 "Adam for bad_teacher)", "(0, inf)", flags=("-LR", "--lr"))
-    epochs: int = setting(10, "unlearning epochs", "[1, inf)", flags=("-E", "--epochs"))
+                                 "Adam for bad_teacher)", "(0, inf)", flags=("-LR", "--lr"), search=(1e-4, 1.0, "log"))
+    epochs: int = setting(10, "unlearning epochs", "[1, inf)", flags=("-E", "--epochs"), search=(1, 10))
     method: str = setting("rl_split", "the unlearning method: " + ", ".join(METHODS), flags=("-M", "--method"))
     method_args: dict = setting({}, "the method's own settings (python methods.py lists them)",
                                 flags=("-MA", "--method-arg"))
@@ -48,6 +48,9 @@ class Experiment:
     retrained: str = setting(None, "gold-standard checkpoint trained without the same forget set, for the gap",
                              flags=("-R", "--retrained"))
     seed: int = setting(0, "first run's seed; run k uses seed + k", flags=("--seed",))
+    forget_seed: int = setting(None, "the seed a random forget set (-UL) is drawn from, when it is not `seed` (a "
+                                     "study reported on fresh seeds keeps the forget set it was tuned on)",
+                               flags=("--forget-seed",))
     batch_size: int = setting(64, "samples per step", "[1, inf)", flags=("--batch-size",))
     freeze_bn: bool = setting(False, "keep BatchNorm running statistics as they were (BatchNorm in eval mode while "
                                      "unlearning); by default they move, as in SalUn's code, mask or not",
@@ -56,6 +59,11 @@ class Experiment:
     @property
     def spec(self):
         return ForgetSpec(self.class_to_forget, self.unlearning_rate, self.idxs_to_forget)
+
+    @property
+    def split_seed(self):
+        """The seed the forget set is drawn from (the runs draw from seed + k)."""
+        return self.seed if self.forget_seed is None else self.forget_seed
 
 
 KEYS = {f.name: f for f in fields(Experiment)}
@@ -109,7 +117,7 @@ class Checker:
             return out
         labels = self.train_labels(cfg["dataset"])
         try:
-            forget = datasets.forget_indices(e.spec, labels, e.seed, datasets.as_flags(cfg["val_idx"], len(labels)))
+            forget = datasets.forget_indices(e.spec, labels, e.split_seed, datasets.as_flags(cfg["val_idx"], len(labels)))
         except UserError as err:
             return [("idxs_to_forget", str(err))]
         if e.retrained is not None:

@@ -7,7 +7,8 @@
     python main.py -L exp/demo.json --nexp 3 -NL --executor ray --gpus-per-run 0.25
 
 Results go to output/<run>/: config.json (the resolved experiments), results.jsonl (one
-line per finished run, written as it ends), summary.csv / summary.md / summary.png, and
+line per finished run, written as it ends), summary.csv / summary.md / summary.png (with
+verdicts that hold over runs: mask_effect.csv pairs masked and unmasked runs by seed), and
 per experiment the unlearned model of its last run (<name>.pt, train.py's format) and
 its saliency mask (masks/<name>.pt); --save none or all keeps none or every run's.
 With --executor ray each run is a task on a Ray worker (study.py); this process
@@ -23,7 +24,7 @@ from executors import add_executor_flags, check_executor
 from experiments import add_experiment_flags, methods_help
 from study import (SAVE_CHOICES, RunFolder, drop_failed, failure_lines, plan, read_results, resume_command,
                    run_local, run_on_ray)
-from summary import note_failures, summarize, write_summary
+from summary import mask_effects, note_failures, summarize, write_summary
 from utils import add_precision_flag, announce_compute, atomic_write_text, cli, compute_for, get_device
 
 
@@ -83,7 +84,7 @@ def main(argv=None):
     failed = sorted((r for r in folder.rows if r.get("failed")), key=lambda r: (r["experiment"], r["run"]))
     table = summarize(names, experiments, finished, refs)
     note_failures(table, names, experiments, failed, nexp)
-    md = write_summary(run_dir, table, finished)
+    md = write_summary(run_dir, table, finished, mask_effects(names, experiments, finished))
     if failed:  # said last, where the eye ends up
         lines = "\n".join(failure_lines(failed, run_dir))
         summary_md = run_dir / "summary.md"

@@ -22,7 +22,7 @@ them (masking the gradients as well, as the original does, would change nothing 
 """
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -274,6 +274,9 @@ class Method:
     paper: str
     code: str = ""  # the authors' code this implementation follows
     fresh_model: bool = False  # starts from a newly initialised model (retraining)
+    # tune.py's range for an experiment key where this method needs another (None: the method
+    # does not use the key, and it is not searched)
+    search: dict = field(default_factory=dict)
 
     @property
     def summary(self):
@@ -288,10 +291,10 @@ class NoSettings:
 METHODS = {}
 
 
-def method(name, settings=NoSettings, paper="", code="", fresh_model=False):
+def method(name, settings=NoSettings, paper="", code="", fresh_model=False, search=None):
     """Register an unlearning function under `name`, with its paper and the authors' code."""
     def register(fn):
-        METHODS[name] = Method(fn, settings, paper, code, fresh_model)
+        METHODS[name] = Method(fn, settings, paper, code, fresh_model, search or {})
         return fn
     return register
 
@@ -368,7 +371,8 @@ def retrain(model, run, s, mask):
 
 @dataclass
 class NegGradPlusSettings:
-    alpha: float = setting(0.95, "weight of the retain loss; the forget loss is ascended with 1 - alpha", "(0, 1)")
+    alpha: float = setting(0.95, "weight of the retain loss; the forget loss is ascended with 1 - alpha", "(0, 1)",
+                           search=(0.5, 0.999))
 
 
 @method("neggrad_plus", NegGradPlusSettings, "NegGrad+ (Kurmanji et al., NeurIPS 2023)", code="meghdadk/SCRUB")
@@ -399,10 +403,10 @@ def endless(run, idx):
 @dataclass
 class ScrubSettings:
     msteps: int = setting(2, "epochs that begin with a max-step (raise the KL divergence on the forget set)",
-                          "[0, inf)")
-    alpha: float = setting(0.001, "weight of the KL divergence in the min-steps", "[0, inf)")
+                          "[0, inf)", search=(1, 5))
+    alpha: float = setting(0.001, "weight of the KL divergence in the min-steps", "[0, inf)", search=(1e-4, 1.0, "log"))
     gamma: float = setting(0.99, "weight of the cross-entropy in the min-steps", "[0, inf)")
-    temperature: float = setting(4.0, "distillation temperature", "(0, inf)")
+    temperature: float = setting(4.0, "distillation temperature", "(0, inf)", search=(1.0, 8.0))
 
 
 @method("scrub", ScrubSettings, "SCRUB (Kurmanji et al., NeurIPS 2023)", code="meghdadk/SCRUB")
@@ -431,9 +435,9 @@ def scrub(model, run, s, mask):
 @dataclass
 class SSDSettings:
     alpha: float = setting(10.0, "selection: a parameter is dampened when its forget-set importance exceeds "
-                                 "alpha times its training-set importance", "(0, inf)")
+                                 "alpha times its training-set importance", "(0, inf)", search=(1.0, 100.0, "log"))
     lam: float = setting(1.0, "dampening: a selected parameter is multiplied by "
-                              "min(lam * I_train / I_forget, 1)", "(0, inf)")
+                              "min(lam * I_train / I_forget, 1)", "(0, inf)", search=(0.1, 10.0, "log"))
 
 
 def importances(model, run, idx):
@@ -447,7 +451,7 @@ def importances(model, run, idx):
 
 
 @method("ssd", SSDSettings, "Selective Synaptic Dampening (Foster et al., AAAI 2024)",
-        code="if-loops/selective-synaptic-dampening")
+        code="if-loops/selective-synaptic-dampening", search={"lr": None, "epochs": None})
 def ssd(model, run, s, mask):
     """One shot, no training: the parameters far more important to the forget set than to
     the training set (Fisher importances) are scaled down. lr and epochs are unused."""
@@ -468,7 +472,7 @@ def ssd(model, run, s, mask):
 @dataclass
 class L1SparseSettings:
     alpha: float = setting(5e-4, "L1 strength at the first epoch, decaying linearly to 0 after the last",
-                           "[0, inf)")
+                           "[0, inf)", search=(1e-5, 1e-2, "log"))
 
 
 @method("l1_sparse", L1SparseSettings, "l1-sparse unlearning (Jia et al., NeurIPS 2023)",
@@ -489,8 +493,8 @@ def l1_sparse(model, run, s, mask):
 @dataclass
 class BadTeacherSettings:
     retain_fraction: float = setting(0.3, "share of the retain set, drawn once, distilled from the original model "
-                                          "alongside the forget set", "(0, 1]")
-    temperature: float = setting(1.0, "distillation temperature", "(0, inf)")
+                                          "alongside the forget set", "(0, 1]", search=(0.1, 1.0))
+    temperature: float = setting(1.0, "distillation temperature", "(0, inf)", search=(1.0, 8.0))
     redraw_retain: bool = setting(False, "draw the retain share anew every epoch (the authors draw it once)",
                                   deviation=True)
     sgd: bool = setting(False, "use the toolkit's SGD (momentum 0.9, weight decay 5e-4) instead of the authors' "
@@ -498,7 +502,7 @@ class BadTeacherSettings:
 
 
 @method("bad_teacher", BadTeacherSettings, "Bad Teacher (Chundawat et al., AAAI 2023)",
-        code="vikram2000b/bad-teaching-unlearning")
+        code="vikram2000b/bad-teaching-unlearning", search={"lr": (1e-5, 1e-2, "log")})
 def bad_teacher(model, run, s, mask):
     """The model distils from the original model on retain samples and from a randomly
     initialised model on forget samples, with Adam (use lr 1e-4, the authors')."""
@@ -530,7 +534,7 @@ def bad_teacher(model, run, s, mask):
 @dataclass
 class BoundaryShrinkSettings:
     eps: float = setting(0.1, "FGSM step in [0, 1] pixel space; the perturbed image is clipped to [0, 1] and "
-                              "rounded to 1/255", "(0, inf)")
+                              "rounded to 1/255", "(0, inf)", search=(0.01, 0.5, "log"))
     exclude_own_class: bool = setting(False, "never relabel a sample with its own class (the authors' code keeps "
                                              "the true label when the attack fails)", deviation=True)
     normalised_space: bool = setting(False, "take the step in the model's normalised input space, without "
@@ -613,7 +617,7 @@ def boundary_expanding(model, run, s, mask):
 @dataclass
 class LastLayersSettings:
     k: int = setting(2, "how many of the model's last Conv/Linear layers, counted from the output, are trained "
-                        "(Goel et al.); BatchNorm layers among them train too", "[1, inf)")
+                        "(Goel et al.); BatchNorm layers among them train too", "[1, inf)", search=(1, 10))
     stages: bool = setting(False, "count k in top-level stages with weights instead (for a ResNet, fc is the "
                                   "last and layer4 the one before), deepunlearn's block variant", deviation=True)
 

@@ -55,22 +55,54 @@ def take(out, idx):
     return {k: v[idx] for k, v in out.items()}
 
 
-def evaluate(model, ds, split, compute, batch_size=1024):
+def evaluate(model, ds, split, compute, batch_size=1024, sample=None):
     """Per-sample outputs for every split, from one pass over train and one over test.
 
     For class forgetting, `test` and `val` hold the remaining classes, `test_forgotten`
-    and `val_forgotten` the forgotten class, and `test_all` the whole test set.
+    and `val_forgotten` the forgotten class, and `test_all` the whole test set. With
+    `sample`, each split (and the test set) is at most `sample` samples, drawn once from a
+    fixed seed (`sample_indices`): a curve point between epochs, not a result.
     """
+    if sample is not None:
+        parts = {name: sample_indices(idx, sample) for name, idx in train_parts(split).items()}
+        outs = predict_parts(model, ds, parts, compute, batch_size)
+        test = predict(model, ds, sample_indices(torch.arange(len(ds.y_test), device=ds.device), sample), compute,
+                       test=True, batch_size=batch_size)
+        return {**outs, **test_splits(test, split.forget_class)}
     train = predict(model, ds, torch.arange(len(ds.y_train), device=ds.device), compute,
                     batch_size=batch_size)
     test = predict(model, ds, torch.arange(len(ds.y_test), device=ds.device), compute, test=True,
                    batch_size=batch_size)
-    outs = {name: take(train, getattr(split, name).cpu()) for name in ("retain", "forget", "val")}
-    if split.forget_class is not None:
-        outs["val_forgotten"] = take(train, split.val_forgotten.cpu())
+    outs = {name: take(train, idx.cpu()) for name, idx in train_parts(split).items()}
     outs["train"] = take(train, split.train.cpu())
     outs.update(test_splits(test, split.forget_class))
     return outs
+
+
+def train_parts(split):
+    """The split's named sets of training indices: retain, forget, val (and val_forgotten)."""
+    parts = {name: getattr(split, name) for name in ("retain", "forget", "val")}
+    if split.forget_class is not None:
+        parts["val_forgotten"] = split.val_forgotten
+    return parts
+
+
+def sample_indices(idx, n, seed=0):
+    """At most n of the sorted indices `idx`, drawn from `seed` alone, sorted: the same samples
+    for every model and every epoch."""
+    if n is None or len(idx) <= n:
+        return idx
+    pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n]
+    return idx[pick.to(idx.device)].sort().values
+
+
+def predict_parts(model, ds, parts, compute, batch_size=1024):
+    """Per-sample outputs for named sets of training indices, from one pass over their union."""
+    idx = torch.unique(torch.cat([p.to(ds.device) for p in parts.values()]))  # sorted
+    out = predict(model, ds, idx, compute, batch_size=batch_size)
+    position = torch.full((len(ds.y_train),), -1, dtype=torch.long)
+    position[idx.cpu()] = torch.arange(len(idx))
+    return {name: take(out, position[p.cpu()]) for name, p in parts.items()}
 
 
 def test_splits(test, forget_class=None):
@@ -191,3 +223,51 @@ def gap(m, gold):
     g["avg_gap"] = sum(g.values()) / len(GAP_KEYS)
     return g
 
+
+
+# ---------------------------------------------------------------- what model selection may read
+
+SELECTION_KEYS = ("UA", "RA", "VA", "val_MIA")
+VAL_MIA_SEED = 123  # deepunlearn's random_state
+
+
+def val_mia(loss_forget, loss_val, seed=VAL_MIA_SEED, splits=10):
+    """deepunlearn's attack on validation data (`simple_mia`), in percent: as many forget as
+    validation samples (the larger side cut at random to the smaller), a logistic regression
+    on the per-sample loss, its accuracy at telling forget (1) from validation (0) averaged
+    over `splits` stratified 90/10 shuffles. 50 is a model that cannot tell them apart. NaN
+    below 10 samples a side, where a 10% test fold would hold no sample of one side."""
+    n = min(len(loss_forget), len(loss_val))
+    if n < 10:
+        return float("nan")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
+    rng = np.random.default_rng(seed)
+    forget = rng.permutation(loss_forget.double().numpy())[:n]
+    val = rng.permutation(loss_val.double().numpy())[:n]
+    x, y = np.r_[val, forget].reshape(-1, 1), np.r_[np.zeros(n), np.ones(n)]
+    cv = StratifiedShuffleSplit(n_splits=splits, random_state=seed)
+    return 100.0 * float(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy").mean())
+
+
+def selection_parts(split, retain_sample, seed=0):
+    """What a tuning trial evaluates: the forget set, the validation set and `retain_sample`
+    retain samples drawn once from `seed`; never a test sample."""
+    parts = {"forget": split.forget, "retain": sample_indices(split.retain, retain_sample, seed), "val": split.val}
+    if split.forget_class is not None:
+        parts["val_forgotten"] = split.val_forgotten
+    return parts
+
+
+def selection_report(outs):
+    """UA, RA (on the retain sample), VA and val_MIA: forget samples against validation samples
+    of their own distribution (the forgotten class's, for class forgetting)."""
+    nonmembers = outs.get("val_forgotten", outs["val"])
+    return {"UA": 100.0 - accuracy(outs["forget"]), "RA": accuracy(outs["retain"]), "VA": accuracy(outs["val"]),
+            "val_MIA": val_mia(outs["forget"]["loss"], nonmembers["loss"])}
+
+
+def selection_objective(m, gold, weights):
+    """The weighted mean of |metric - gold standard's| over SELECTION_KEYS (weights: {key: w})."""
+    total = sum(weights.values())
+    return sum(w * abs(m[k] - gold[k]) for k, w in weights.items() if w) / total

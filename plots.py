@@ -7,6 +7,7 @@
     plots.heatmap(ax, matrix, labels, "viridis", 0, 1, "distance")  # wasserstein.py, masks
     plots.plot_epsilons("output/<audit>/epsilon.png", rows, n, "official")  # audit.py
     plots.plot_rocs("output/<audit>/roc.png", rows)
+    plots.plot_tuning("output/<tuning>/tuning/<name>.png", name, keys, log_keys, points)  # tune.py
 
 Files only: matplotlib never needs a display here.
 """
@@ -409,3 +410,37 @@ def plot_rocs(path, rows):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- a tuning
+
+TRIAL_STYLE = {"complete": ("tab:blue", "o"), "pruned": ("0.6", "s"), "diverged": ("tab:red", "x"),
+               "failed": ("tab:red", "x")}
+
+
+def plot_tuning(path, name, keys, log_keys, points):
+    """The objective against each tuned setting, one panel per setting: every trial (pruned ones
+    at their last per-epoch objective, failed and diverged ones at the worst value), the best
+    circled."""
+    n = max(1, len(keys))
+    fig, axes = plt.subplots(1, n, figsize=(min(MAX_WIDTH_IN, 3.6 * n + 0.6), 3.2), squeeze=False)
+    complete = [p for p in points if p[2] == "complete"]
+    best = min(complete, key=lambda p: p[1]) if complete else None
+    for ax, key in zip(axes[0], keys):
+        for state, (colour, marker) in TRIAL_STYLE.items():
+            xs = [(p[0][key], p[1]) for p in points if p[2] == state and key in p[0]]
+            if xs:
+                ax.scatter(*zip(*xs), c=colour, marker=marker, s=22, label=state, alpha=0.8)
+        if best is not None and key in best[0]:
+            ax.scatter([best[0][key]], [best[1]], s=120, facecolors="none", edgecolors="black", label="best")
+        if key in log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key.replace("method_args.", ""))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("objective (lower = better)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=7, loc="best")
+    fig.suptitle(textwrap.shorten(name, 100), fontsize=9)
+    fig.tight_layout()
+    save(fig, path)

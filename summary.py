@@ -3,9 +3,12 @@
     table = summary.summarize(names, experiments, finished_rows, refs)
     text = summary.write_summary(run_dir, table, finished_rows)   # summary.csv, summary.md, figures
 
-summary.csv holds every setting and metric with its std; summary.md the full table and the
+summary.csv holds every setting and metric with its std; summary.md the full table, the
 do-nothing line (how many experiments end closer to the gold standard than the model they
-started from); the terminal gets the numbers a reader compares, at most 120 characters wide.
+started from) and the mask's effect (mask_effect.csv: masked minus unmasked, paired by seed);
+the terminal gets the numbers a reader compares, at most 120 characters wide. Every verdict
+rests on a 95% t-interval over runs: with one run there is none, and where the interval
+covers the line it is judged against, the verdict is "no difference".
 """
 import csv
 import io
@@ -71,7 +74,8 @@ def summarize(names, experiments, rows, refs):
                 row[k] = mean_std(vals)
         if ref.get("gold") and "avg_gap" in row:
             do_nothing = metrics.gap(ref["before"], ref["gold"])["avg_gap"]
-            row[BEATS] = "yes" if row["avg_gap"][0] < do_nothing else "no"
+            row[BEATS] = verdict([m["avg_gap"] for m in finished if m.get("avg_gap") is not None], do_nothing,
+                                 ("yes", "no difference", "no"))
         diverged = [r["diverged_at"] for r in mine if r["diverged_at"]]
         row["diverged"] = f"{len(diverged)}/{len(mine)} diverged (epoch {min(diverged)})" if diverged else ""
         table.append(row)
@@ -93,14 +97,124 @@ def note_failures(table, names, experiments, failed, nexp):
         row["diverged"] = "; ".join(x for x in (row.get("diverged"), note) if x)
 
 
+def interval(values, level=0.95):
+    """(mean, low, high): Student's t-interval of the mean over `values`; low and high are None
+    for fewer than two values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    from scipy.stats import t
+    half = t.ppf(0.5 + level / 2, n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, mean - half, mean + half
+
+
+NO_VERDICT = "-"  # one run: no interval, no verdict
+
+
+def verdict(values, line, words):
+    """words[0] when the 95% interval of `values` lies below `line`, words[2] above it, words[1]
+    when it covers it; NO_VERDICT for fewer than two values."""
+    mean, low, high = interval(values) if values else (None, None, None)
+    if low is None:
+        return NO_VERDICT
+    return words[0] if high < line else words[2] if low > line else words[1]
+
+
 def do_nothing_line(table):
     """'k of n experiments are closer to the gold standard than the original model', or None."""
     judged = [r for r in table if BEATS in r]
     if not judged:
         return None
-    k = sum(r[BEATS] == "yes" for r in judged)
-    return (f"{k} of {len(judged)} experiments are closer to the gold standard than the original model "
-            f"(the do-nothing baseline: base row's avg_gap)")
+    decided = [r for r in judged if r[BEATS] != NO_VERDICT]
+    if not decided:
+        return "one run per experiment: no verdict on doing nothing (it needs --nexp 2 or more)"
+    k = sum(r[BEATS] == "yes" for r in decided)
+    return (f"{k} of {len(decided)} experiments are closer to the gold standard than the original model: their "
+            f"avg_gap's 95% interval over runs lies below the base row's (the do-nothing baseline)")
+
+
+# ---------------------------------------------------------------- the mask's effect
+
+EFFECT_KEYS = ("UA", "RA", "TA", "MIA", "avg_gap")
+
+
+def mask_pairs(experiments):
+    """(masked i, unmasked j) for experiments that differ only in the mask, or, in a tuned list,
+    the one masked and the one unmasked experiment of a method on a checkpoint and forget set."""
+    def key(e, loose):
+        fixed = dict(vars(e), use_mask=None, mask_thr=None, tag=None)
+        if loose:
+            fixed = {k: fixed[k] for k in ("checkpoint", "method", "seed", "retrained", "class_to_forget",
+                                          "unlearning_rate", "idxs_to_forget", "forget_seed")}
+        return json.dumps(fixed, sort_keys=True, default=str)
+    pairs = []
+    for loose in (False, True):
+        taken = {i for pair in pairs for i in pair}
+        groups = {}
+        for i, e in enumerate(experiments):
+            if i not in taken:
+                groups.setdefault(key(e, loose), []).append(i)
+        for members in groups.values():
+            plain = [i for i in members if not experiments[i].use_mask]
+            if len(plain) != 1:
+                continue
+            for thr in {experiments[i].mask_thr for i in members if experiments[i].use_mask}:
+                masked = [i for i in members if experiments[i].use_mask and experiments[i].mask_thr == thr]
+                if len(masked) == 1:
+                    pairs.append((masked[0], plain[0]))
+    return sorted(pairs)
+
+
+def mask_effects(names, experiments, rows):
+    """Per pair, masked minus unmasked for each metric of EFFECT_KEYS over the runs of the same
+    seed that both finished: {metric: (mean, low, high)}, the runs, and the Avg. Gap verdict."""
+    by_run = {(r["experiment"], r["run"]): flat(r) for r in rows if r.get("metrics") and r["diverged_at"] is None}
+    out = []
+    for i, j in mask_pairs(experiments):
+        runs = sorted(k for (x, k) in by_run if x == i and (j, k) in by_run)
+        if not runs:
+            continue
+        effect = {}
+        for key in EFFECT_KEYS:
+            diffs = [by_run[i, k][key] - by_run[j, k][key] for k in runs
+                     if by_run[i, k].get(key) is not None and by_run[j, k].get(key) is not None]
+            if diffs and not any(math.isnan(d) for d in diffs):
+                effect[key] = interval(diffs)
+        gaps = [by_run[i, k]["avg_gap"] - by_run[j, k]["avg_gap"] for k in runs if "avg_gap" in by_run[i, k]]
+        out.append({"masked": names[i], "unmasked": names[j], "runs": len(runs), "effect": effect,
+                    "verdict": verdict(gaps, 0.0, ("mask better", "no difference", "mask worse")) if gaps else ""})
+    return out
+
+
+def effect_cell(v):
+    mean, low, high = v
+    return f"{mean:+.2f}" + (f" [{low:+.2f}, {high:+.2f}]" if low is not None else "")
+
+
+def effects_markdown(effects):
+    if not effects:
+        return None
+    header = ["masked", "unmasked", "runs"] + list(EFFECT_KEYS) + ["Avg. Gap verdict"]
+    body = [[x["masked"], x["unmasked"], str(x["runs"])] + [effect_cell(x["effect"][k]) if k in x["effect"] else "n/a"
+                                                             for k in EFFECT_KEYS] + [x["verdict"] or "n/a"]
+            for x in effects]
+    return ("The mask's effect: masked minus unmasked, paired by seed, mean [95% interval] over runs; "
+            "\"no difference\" where the interval covers 0, no verdict with one run.\n\n" + markdown(header, body))
+
+
+def effects_csv(effects):
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["masked", "unmasked", "runs"] + [f"{k}_{p}" for k in EFFECT_KEYS for p in ("diff", "low", "high")]
+                    + ["avg_gap_verdict"])
+    for x in effects:
+        cells = []
+        for k in EFFECT_KEYS:
+            mean, low, high = x["effect"].get(k, (None, None, None))
+            cells += ["" if v is None else f"{v:.4f}" for v in (mean, low, high)]
+        writer.writerow([x["masked"], x["unmasked"], x["runs"]] + cells + [x["verdict"]])
+    return out.getvalue()
 
 
 SETTING_KEYS = ("lr", "epochs", "batch_size", "seed", "freeze_bn", "checkpoint", "retrained")
@@ -194,16 +308,21 @@ def screen_table(table):
     return "\n".join(out)
 
 
-def write_summary(run_dir, table, results=()):
-    """summary.csv (every setting and metric), summary.md (the full table) and the figures;
-    returns the terminal's table."""
+def write_summary(run_dir, table, results=(), effects=()):
+    """summary.csv (every setting and metric), summary.md (the full table, the do-nothing line and
+    the mask's effect), mask_effect.csv and the figures; returns the terminal's text."""
     atomic_write_text(run_dir / "summary.csv", csv_text(table))
     md = markdown(COLUMNS, [[cell(row.get(k, "n/a" if k in METRIC_KEYS else ""), k, row.get("runs", 1))
                              for k in COLUMNS] for row in table])
     line = do_nothing_line(table)
-    atomic_write_text(run_dir / "summary.md", md + ("\n\n" + line if line else "") + "\n")
+    effect_md = effects_markdown(effects)
+    if effects:
+        atomic_write_text(run_dir / "mask_effect.csv", effects_csv(effects))
+    atomic_write_text(run_dir / "summary.md", md + "".join("\n\n" + x for x in (line, effect_md) if x) + "\n")
     plots.plot_summary(run_dir / "summary.png", table)
     plots.plot_tradeoff(run_dir / "tradeoff.png", table)
     if results:
         plots.plot_curves(run_dir / "curves.png", table, results)
-    return screen_table(table) + ("\n\n" + line if line else "")
+    said = [f"{x['masked']} vs {x['unmasked']}: Avg. Gap {effect_cell(x['effect']['avg_gap'])}, {x['verdict']}"
+            for x in effects if "avg_gap" in x["effect"]]
+    return screen_table(table) + "".join("\n\n" + x for x in (line, "\n".join(said)) if x)

@@ -168,13 +168,14 @@ def mean_std(values):
 
 # ---------------------------------------------------------------- settings
 
-def setting(default, doc, interval=None, flags=(), deviation=False):
+def setting(default, doc, interval=None, flags=(), deviation=False, search=None):
     """A documented dataclass field, the one place a setting is defined: its type is the
     field's annotation, `interval` ("(0, 1]", "[1, inf)") bounds a number, `flags` are
     its command-line spellings, `deviation` marks a switch away from the published method
-    (off by default; the fidelity table lists it). A default of None means "not given"; a
+    (off by default; the fidelity table lists it), `search` is the range tune.py searches
+    by default, (low, high) or (low, high, "log"). A default of None means "not given"; a
     dict default is copied per instance."""
-    meta = {"doc": doc, "interval": interval, "flags": tuple(flags), "deviation": deviation}
+    meta = {"doc": doc, "interval": interval, "flags": tuple(flags), "deviation": deviation, "search": search}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -223,7 +224,9 @@ def describe_setting(f):
     """'float in (0, 1), default 0.99: the retain loss's weight' -- for -h and the README."""
     kind = f.type.__name__ + (f" in {f.metadata['interval']}" if f.metadata.get("interval") else "")
     default = f.default_factory() if f.default_factory is not MISSING else f.default
-    return f"{kind}, default {default!r}: {f.metadata['doc']}" if default is not None else \
+    search = f.metadata.get("search")
+    tuned = f"; tuned in [{search[0]:g}, {search[1]:g}]{' (log)' if search[2:] else ''}" if search else ""
+    return f"{kind}, default {default!r}{tuned}: {f.metadata['doc']}" if default is not None else \
         f"{kind}: {f.metadata['doc']}"
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, run_here
+from conftest import ROOT, run_here, run_script
 from scripted import FAST, run
 
 ray = pytest.importorskip("ray")
@@ -307,3 +307,28 @@ def test_an_audit_task_that_fails_twice_stops_the_audit_in_one_line(audits):
     rows = (d / "out" / "failing" / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["experiment"] for line in rows] == [finished]  # kept
     assert sorted(p.name for p in (d / "pool_ray").iterdir()) == audits["pool"]  # every model came from the pool
+
+
+# ---------------------------------------------------------------- tune.py
+
+def tune_trials(run_dir):
+    from test_tune import trials_of
+    return trials_of(run_dir)
+
+
+def test_tuning_on_one_ray_worker_gives_the_local_trials(ckpts, ray_address, tmp_path):
+    """Four trials one at a time on one two-CPU worker, and locally with two threads: the same
+    settings asked, the same objectives, the same best trial."""
+    from test_tune import tuning_file
+    path = tuning_file(tmp_path, ckpts)
+    flags = ("-L", path, "--trials", 4, "--precision", "fp32", "-NL", "--out", tmp_path)
+    local = run_script("tune.py", *flags, "--name", "local", env={"OMP_NUM_THREADS": "2"})
+    on_ray = run("tune.py", *flags, "--name", "ray", "--executor", "ray", "--ray-address", ray_address,
+                 "--cpus-per-run", 2, cwd=tmp_path)
+    assert local.returncode == 0, local.stderr
+    assert on_ray.returncode == 0, on_ray.stderr
+    a, b = tune_trials(tmp_path / "local"), tune_trials(tmp_path / "ray")
+    assert [p for p, _, _ in a] == [p for p, _, _ in b] and len(a) == 4
+    assert [v for _, v, _ in a] == pytest.approx([v for _, v, _ in b], abs=1e-9)
+    assert json.loads((tmp_path / "local" / "tuned.json").read_text()) == \
+        json.loads((tmp_path / "ray" / "tuned.json").read_text())
