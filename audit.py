@@ -38,7 +38,7 @@ from auditing import plan, run_audits, write_outputs
 from executors import TaskFailed, add_executor_flags, check_executor
 from experiments import add_experiment_flags, methods_help
 from privacy import ATTACKS, challenge  # noqa: F401  audit.challenge: the challenge score, for outside checks
-from utils import add_precision_flag, cli, get_device
+from utils import add_precision_flag, cli, get_device, parse_noting_changes
 
 
 def build_parser():
@@ -90,11 +90,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
 
 def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    args.changed = [a.option_strings[0] for a in p._actions
-                    if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
-    return args
+    return parse_noting_changes(build_parser(), argv)
 
 
 def main_(argv=None):

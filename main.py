@@ -25,7 +25,8 @@ from experiments import add_experiment_flags, methods_help
 from study import (SAVE_CHOICES, RunFolder, drop_failed, failure_lines, plan, read_results, resume_command,
                    run_local, run_on_ray)
 from summary import mask_effects, note_failures, summarize, write_summary
-from utils import add_precision_flag, announce_compute, atomic_write_text, cli, compute_for, get_device
+from utils import (add_precision_flag, announce_compute, atomic_write_text, cli, compute_for, get_device,
+                   parse_noting_changes)
 
 
 def parse_args(argv=None):
@@ -49,10 +50,7 @@ def parse_args(argv=None):
                    help="which unlearned models and masks are kept as .pt files: last: each experiment's last "
                         "run; none: no .pt file; all: every run's, as <experiment>_run<k>.pt (default: last)")
     add_executor_flags(p, "each (experiment, run) is a task on a Ray worker")
-    args = p.parse_args(argv)
-    args.changed = [a.option_strings[0] for a in p._actions  # as the user may have typed them
-                    if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
-    return args
+    return parse_noting_changes(p, argv)
 
 
 def main(argv=None):

@@ -22,50 +22,52 @@ import datasets
 import tuning
 from executors import add_executor_flags, check_executor
 from experiments import add_experiment_flags, methods_help
-from utils import UserError, add_precision_flag, announce_compute, cli, compute_for, get_device
+from utils import UserError, add_precision_flag, announce_compute, cli, compute_for, get_device, parse_noting_changes
 
 REPORT_SEED = 100  # the first seed of the report's runs: far from the seeds experiments tune on
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Tune unlearning experiments with Optuna (TPE) on validation data, the "
                                             "same number of trials each; write their best settings for main.py.",
                                 epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-L", "--load", help="JSON list of experiments, main.py's format, each with an optional \"search\" "
                                         "and \"objective\" (default: one experiment from the flags)")
-    p.add_argument("--trials", type=int, default=20, help="trials per experiment (default: 20); with --resume, "
-                                                          "a larger number adds trials to the tuning")
+    p.add_argument("--trials", type=int, default=20, help="trials per experiment; with --resume, a larger number "
+                                                          "adds trials to the tuning (default: %(default)s)")
     p.add_argument("--retain-sample", type=int, default=tuning.RETAIN_SAMPLE,
                    help="retain samples a trial evaluates, drawn once (default: %(default)s)")
     p.add_argument("--no-prune", action="store_true", help="run every trial to its last epoch (default: Optuna's "
                                                            "median pruner stops a trial after an epoch worse than "
                                                            "the median of the trials before it)")
     p.add_argument("--report", type=int, default=0, metavar="N",
-                   help="then run tuned.json in main.py, N runs per experiment on fresh seeds (default: 0, no report)")
+                   help="then run tuned.json in main.py, N runs per experiment on fresh seeds, into <run>/report, "
+                        "keeping no model (run tuned.json in main.py for them); 0: no report (default: %(default)s)")
     p.add_argument("--report-seed", type=int, default=REPORT_SEED,
                    help="first seed of the report's runs (default: %(default)s)")
     add_experiment_flags(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     add_precision_flag(p)
     p.add_argument("--data-dir", default=datasets.DEFAULT_DATA_DIR,
-                   help=f"where datasets are found (default: {datasets.DEFAULT_DATA_DIR})")
+                   help="where datasets are found (default: %(default)s)")
     p.add_argument("--out", default="output",
-                   help="folder the script writes under: <out>/<time>_<file>_tuning/ (default: output)")
+                   help="folder the script writes under: <out>/<time>_<file>_tuning/ (default: %(default)s)")
     p.add_argument("--name", help="tuning folder name (default: <time>_<experiment file>_tuning); never reused")
     p.add_argument("--resume", help="an interrupted tuning folder: run the trials it lacks")
     p.add_argument("-NL", "--no-log", action="store_true", help="do not log to wandb")
     add_executor_flags(p, "each trial is a task on a Ray worker, several at once")
-    args = p.parse_args(argv)
-    args.changed = [a.option_strings[0] for a in p._actions
-                    if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
-    return args
+    return p
+
+
+def parse_args(argv=None):
+    return parse_noting_changes(build_parser(), argv)
 
 
 def report_command(run_dir, args, precision):
     """main.py on tuned.json: the tuned settings on seeds the tuning never used."""
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "main.py"), "-L", str(run_dir / "tuned.json"),
            "--nexp", str(args.report), "--seed", str(args.report_seed), "--out", str(run_dir), "--name", "report",
-           "--precision", precision, "--data-dir", args.data_dir]
+           "--precision", precision, "--data-dir", args.data_dir, "--save", "none"]
     cmd += ["-NL"] if args.no_log else []
     cmd += ["--device", args.device] if args.device else []
     if args.executor == "ray":

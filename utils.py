@@ -148,6 +148,15 @@ def compute_for(device, precision="auto"):
     return Compute(device, bf16, True)
 
 
+def parse_noting_changes(parser, argv=None):
+    """The parsed arguments, with `changed`: the flags whose value is not their default, by
+    their first spelling (what --resume checks against the saved run)."""
+    args = parser.parse_args(argv)
+    args.changed = [a.option_strings[0] for a in parser._actions
+                    if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
+    return args
+
+
 def announce_compute(compute, asked):
     """The one line every training script prints at start: what it computes in, and where."""
     why = " (auto)" if asked == "auto" else ""

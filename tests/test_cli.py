@@ -7,7 +7,7 @@ import pytest
 from conftest import run_here
 
 SCRIPTS = ("train.py", "base_test.py", "feature_extraction.py", "tsne_vis.py", "wasserstein.py",
-           "mask_vis.py", "bench.py", "audit.py")
+           "mask_vis.py", "bench.py", "audit.py", "tune.py")
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,18 @@ def test_tuned_json_runs_in_main_on_fresh_seeds(tuned):
     assert sorted(x["seed"] for x in rows) == [100, 101]
 
 
+def test_report_runs_the_tuned_settings_in_main_on_fresh_seeds(tuned):
+    """--resume of a finished tuning asks no trial; --report 1 runs tuned.json in main.py."""
+    r = run_here("tune.py", "--resume", tuned["run"], "-NL", "--report", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(trials_of(tuned["run"])) == TRIALS
+    (row,) = [json.loads(x) for x in (tuned["run"] / "report" / "results.jsonl").read_text().splitlines()]
+    assert row["seed"] == 100 and row["metrics"]["UA"] >= 0
+    assert not list((tuned["run"] / "report").glob("*.pt"))  # --save none
+    r = run_here("tune.py", "--resume", tuned["run"], "-NL", "--report", "1")
+    assert r.returncode == 2 and "ran already" in r.stderr
+
+
 def test_interrupted_tuning_resumes_to_the_same_trials_and_more_trials_add_to_it(tuned, ckpts, tmp_path):
     """Ctrl-C during the third trial; --resume runs the rest: the trials are those of the tuning
     that was never interrupted (same seed, same machine); a larger --trials adds trials."""
