@@ -56,7 +56,7 @@ demo-random: $(BASE) $(GOLD_RF)
 
 # Every method without and with SalUn's 0.5 mask on digits (class 3, random 10%), each tuned with
 # the same budget (tune.py: 10 trials on validation data, never the test set), then the tuned
-# settings reported on fresh seeds 100-102 (about 60 minutes on one thread).
+# settings reported on fresh seeds 100-102 (about an hour on 2 CPU cores).
 methods-digits: $(BASE) $(GOLD_CF3) $(GOLD_RF)
 	rm -rf output/methods_digits_tuning
 	$(PY) tune.py -L exp/tune_methods_digits.json --trials 10 -NL --name methods_digits_tuning --report 3

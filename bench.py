@@ -58,7 +58,7 @@ SIZES = {
         "rte_ratio": dict(train=None, repeats=3),
         "ray_runs_ratio": dict(experiments=4, nexp=6, repeats=1),
         "ray_gpu_packing": dict(experiments=4, nexp=4, repeats=1),
-        "trial_overhead": dict(datasets=("digits", "fashionmnist"), repeats=3),
+        "trial_overhead": dict(datasets=("digits", "fashionmnist"), repeats=1),
     },
     "quick": {
         "seed_pipeline_speedup": dict(batch=32, batches=1, repeats=3),

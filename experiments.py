@@ -117,7 +117,8 @@ class Checker:
             return out
         labels = self.train_labels(cfg["dataset"])
         try:
-            forget = datasets.forget_indices(e.spec, labels, e.split_seed, datasets.as_flags(cfg["val_idx"], len(labels)))
+            forget = datasets.forget_indices(e.spec, labels, e.split_seed,
+                                             datasets.as_flags(cfg["val_idx"], len(labels)))
         except UserError as err:
             return [("idxs_to_forget", str(err))]
         if e.retrained is not None:

@@ -715,9 +715,10 @@ def eu_k(model, run, s, mask):
 
 def method_table():
     """The Markdown table of every method: paper, the authors' code it follows, what it
-    does, its settings with defaults, and the opt-in deviations from the published method."""
-    rows = ["| method | paper | authors' code | what it does | settings (default) | deviations (opt-in) |",
-            "|---|---|---|---|---|---|"]
+    does, its settings with defaults and tune.py's ranges, and the opt-in deviations from
+    the published method."""
+    rows = ["| method | paper | authors' code | what it does | settings (default; tune.py's range) "
+            "| deviations (opt-in) |", "|---|---|---|---|---|---|"]
     for name, m in METHODS.items():
         own = [f for f in fields(m.settings) if not f.metadata.get("deviation")]
         deviations = [f for f in fields(m.settings) if f.metadata.get("deviation")]

@@ -300,8 +300,9 @@ def pruning_trial(history):
     study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(
         n_startup_trials=PRUNE_STARTUP, n_warmup_steps=0))
     for value, steps in history:
-        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={int(k): v for k, v in steps.items()},
-                                                  state=optuna.trial.TrialState.COMPLETE))
+        study.add_trial(optuna.trial.create_trial(
+            value=value, intermediate_values={int(k): v for k, v in steps.items()},
+            state=optuna.trial.TrialState.COMPLETE))
     return study.ask()
 
 
@@ -587,10 +588,10 @@ def write_outputs(tuner, studies):
     lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     for r in table:
         m = r["metrics"] or {}
-        lines.append("| " + " | ".join([r["experiment"], f"{r['trials']} ({r['pruned']}, {r['failed'] + r['diverged']})",
-                                        fmt(r["objective"]), fmt(r["do_nothing"])]
-                                       + [fmt(m.get(k)) for k in metrics.SELECTION_KEYS]
-                                       + [params_text(r["params"]) or "-"]) + " |")
+        cells = [r["experiment"], f"{r['trials']} ({r['pruned']}, {r['failed'] + r['diverged']})",
+                 fmt(r["objective"]), fmt(r["do_nothing"])]
+        cells += [fmt(m.get(k)) for k in metrics.SELECTION_KEYS] + [params_text(r["params"]) or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     c = tuner.config
     weights = {json.dumps(w, sort_keys=True) for w in tuner.weights}
     note = (f"{c['trials']} trials per experiment (TPE, seeded from each experiment's seed"

@@ -62,7 +62,8 @@ def test_a_tuning_writes_what_it_says_and_never_reads_the_test_set(tuned):
     r, run_dir = tuned["result"], tuned["run"]
     assert r.returncode == 0, r.stderr
     assert tuned["test_reads"] == 0
-    for name in ("config.json", "optuna.log", "tuned.json", "tuning.md", "tuning.csv", "tuning/00_ga_small_class-0.png"):
+    for name in ("config.json", "optuna.log", "tuned.json", "tuning.md", "tuning.csv",
+                 "tuning/00_ga_small_class-0.png"):
         assert (run_dir / name).is_file(), name
     trials = trials_of(run_dir)
     assert len(trials) == TRIALS and {s for _, _, s in trials} == {"complete"}
@@ -78,10 +79,11 @@ def test_the_best_trial_is_no_worse_than_the_default_measured_afresh(tuned, ckpt
     e = Experiment(checkpoint=str(ckpts["base"]), class_to_forget=0, retrained=str(ckpts["gold"]),
                    method="ga_small", lr=0.01, epochs=1)
     import utils
-    compute = utils.compute_for(torch.device("cpu"), json.loads((tuned["run"] / "config.json").read_text())["precision"])
-    out = tuning.run_trial({"experiment": vars(e) | {"method_args": {}}, "params": {}, "weights": tuning.DEFAULT_WEIGHTS,
-                            "retain_sample": tuning.RETAIN_SAMPLE, "history": None}, compute, {"data_dir": "data"},
-                           utils.Logger(False, "", "", {}))
+    precision = json.loads((tuned["run"] / "config.json").read_text())["precision"]
+    compute = utils.compute_for(torch.device("cpu"), precision)
+    task = {"experiment": vars(e), "params": {}, "weights": tuning.DEFAULT_WEIGHTS,
+            "retain_sample": tuning.RETAIN_SAMPLE, "history": None}
+    out = tuning.run_trial(task, compute, {"data_dir": "data"}, utils.Logger(False, "", "", {}))
     assert out["state"] == "complete"
     assert best <= out["value"] + 1e-9
     assert out["value"] == pytest.approx(trials_of(tuned["run"])[0][1], abs=1e-6)
@@ -177,7 +179,8 @@ def test_searches_come_from_the_settings_declarations():
         assert not problems
         return {d.key: (d.low, d.high, d.log, d.integer) for d in dims}, fixed
     assert space("rl")[0] == {"lr": (1e-4, 1.0, True, False), "epochs": (1, 10, False, True)}
-    assert space("ssd")[0] == {"method_args.alpha": (1.0, 100.0, True, False), "method_args.lam": (0.1, 10.0, True, False)}
+    assert space("ssd")[0] == {"method_args.alpha": (1.0, 100.0, True, False),
+                               "method_args.lam": (0.1, 10.0, True, False)}
     assert space("bad_teacher")[0]["lr"] == (1e-5, 1e-2, True, False)  # the method's own range for Adam
     assert space("scrub")[0]["method_args.msteps"] == (1, 5, False, True)
     dims, fixed = space("rl", {"lr": [0.01, 0.1], "epochs": 2, "mask_thr": [0.2, 0.8]})
