@@ -229,6 +229,7 @@ def gap(m, gold):
 
 SELECTION_KEYS = ("UA", "RA", "VA", "val_MIA")
 VAL_MIA_SEED = 123  # deepunlearn's random_state
+VAL_MIA_MIN = 10  # samples a side, below which a 10% test fold may hold none of one side
 
 
 def val_mia(loss_forget, loss_val, seed=VAL_MIA_SEED, splits=10):
@@ -236,9 +237,9 @@ def val_mia(loss_forget, loss_val, seed=VAL_MIA_SEED, splits=10):
     validation samples (the larger side cut at random to the smaller), a logistic regression
     on the per-sample loss, its accuracy at telling forget (1) from validation (0) averaged
     over `splits` stratified 90/10 shuffles. 50 is a model that cannot tell them apart. NaN
-    below 10 samples a side, where a 10% test fold would hold no sample of one side."""
+    below VAL_MIA_MIN samples a side, where a 10% test fold could hold no sample of one side."""
     n = min(len(loss_forget), len(loss_val))
-    if n < 10:
+    if n < VAL_MIA_MIN:
         return float("nan")
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score

@@ -215,7 +215,7 @@ def resolve_tuning(entries, where, data_dir):
     else:
         extras = []
     experiments = resolve(entries, where, data_dir)  # raises on the experiments' own problems
-    problems, spaces, weights, out = [], [], [], []
+    problems, spaces, weights, out, labels = [], [], [], [], {}
     for i, (e, extra) in enumerate(zip(experiments, extras)):
         dims, fixed, bad = search_space(e, extra.get("search", {}))
         given = extra.get("objective", {})
@@ -225,6 +225,12 @@ def resolve_tuning(entries, where, data_dir):
                                      "the forget set"))
         if not dims and not bad:
             bad.append(("search", f"nothing to search for {e.method} (every setting is fixed or dropped)"))
+        if not bad and (given if isinstance(given, dict) else {}).get("val_MIA", 1) and e.class_to_forget is not None:
+            n = forgotten_in_validation(e, data_dir, labels)
+            if n < metrics.VAL_MIA_MIN:
+                bad.append(("objective", f"val_MIA needs at least {metrics.VAL_MIA_MIN} validation samples of the "
+                                         f"forgotten class, and this split has {n}: give it weight 0 "
+                                         f"(\"objective\": {{\"val_MIA\": 0}})"))
         problems += [(i, key, msg) for key, msg in bad]
         out.append(with_params(e, fixed) if not bad else e)
         spaces.append(dims)
@@ -232,6 +238,16 @@ def resolve_tuning(entries, where, data_dir):
     if problems:
         raise UserError("\n".join(problem_lines(problems, where)))
     return out, spaces, weights
+
+
+def forgotten_in_validation(e, data_dir, labels):
+    """How many validation samples of the forgotten class the checkpoint's split holds."""
+    import datasets
+    from models import load_model_checkpoint
+    cfg = load_model_checkpoint(e.checkpoint)["config"]
+    if cfg["dataset"] not in labels:
+        labels[cfg["dataset"]] = datasets.load_dataset(cfg["dataset"], data_dir).y_train
+    return int((labels[cfg["dataset"]][torch.as_tensor(cfg["val_idx"], dtype=torch.long)] == e.class_to_forget).sum())
 
 
 def resume_plan(args):

@@ -286,3 +286,12 @@ def test_a_fresh_seed_keeps_the_random_forget_set_it_was_tuned_on(ckpts, more_go
     resolve([dict(e, seed=100, forget_seed=0)], "test", "data")
     with pytest.raises(Exception, match="was retrained without"):
         resolve([dict(e, seed=100)], "test", "data")
+
+
+def test_val_mia_on_too_few_validation_samples_of_the_class_is_refused_up_front(ckpts, tmp_path):
+    with mock.patch.object(metrics, "VAL_MIA_MIN", 1000):
+        r = run_here("tune.py", "-L", tuning_file(tmp_path, ckpts), "-NL", "--out", tmp_path / "out")
+        assert r.returncode == 2 and "val_MIA needs at least 1000 validation samples" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()
+        entries = json.loads(tuning_file(tmp_path, ckpts, objective={"val_MIA": 0}).read_text())
+        tuning.resolve_tuning(entries, "test", "data")  # without val_MIA in the objective: fine
