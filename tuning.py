@@ -1,8 +1,8 @@
 """Tuning: each experiment's settings searched with Optuna on data model selection may read.
 
-    tuner = tuning.plan(args, device)       # checked, the run folder made, nothing computed
-    tuning.run(tuner, compute, args)        # the trials, locally or on Ray workers
-    tuning.write_outputs(tuner)             # tuned.json, tuning.md, tuning.csv, tuning/<name>.png
+    tuner = tuning.plan(args, device)           # checked, the run folder made, nothing computed
+    studies = tuning.run(tuner, compute, args)  # the trials, locally or on Ray workers
+    tuning.write_outputs(tuner, studies)        # tuned.json, tuning.md, tuning.csv, tuning/<name>.png
 
 What a search covers comes from the settings' own declarations (`utils.setting(search=...)`:
 lr and epochs in experiments.py, each method's settings in methods.py, a method's own range
