@@ -84,8 +84,9 @@ def searchable(e):
     return known, {k: v for k, v in declared.items() if v}
 
 
-def dim_problem(name, f, given):
-    """What is wrong with a file's range `given` for setting f, or None."""
+def dim_problem(name, f, given, declared_log=False):
+    """What is wrong with a file's range `given` for setting f (searched on a log scale when
+    it says so or its declaration does), or None."""
     if not (isinstance(given, list) and len(given) in (2, 3) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in given[:2])
             and given[2:] in ([], ["log"])):
@@ -98,8 +99,8 @@ def dim_problem(name, f, given):
     interval = f.metadata.get("interval")
     if interval and not (in_interval(low, interval) and in_interval(high, interval)):
         return f"[{low:g}, {high:g}] reaches outside {name}'s own interval {interval}"
-    if given[2:] and low <= 0:
-        return f"a log range must start above 0, got [{low:g}, {high:g}]"
+    if (given[2:] or declared_log) and low <= 0:
+        return f"{name} is searched on a log scale, which must start above 0; got [{low:g}, {high:g}]"
     return None
 
 
@@ -117,11 +118,11 @@ def search_space(e, search):
         elif given is None:
             ranges.pop(name, None)
         elif isinstance(given, list):
-            problem = dim_problem(name, known[name], given)
+            declared_log = bool(declared.get(name, ())[2:])
+            problem = dim_problem(name, known[name], given, declared_log)
             if problem:
                 problems.append((f"search: {name}", problem))
             else:
-                declared_log = bool(declared.get(name, ())[2:])
                 ranges[name] = (given[0], given[1], "log") if given[2:] or declared_log else tuple(given)
         else:
             problem = value_problem(known[name], given)

@@ -147,6 +147,7 @@ BAD_SEARCH = [
     ({"search": {"mask_thr": [0.1, 1.5]}}, "reaches outside mask_thr's own interval (0, 1]"),
     ({"search": {"lr": "fast"}}, "expected float"),
     ({"search": {"lr": [1e-3, 0.3], "epochs": [1, 2.5]}}, "epochs is an integer"),
+    ({"method": "scrub", "search": {"alpha": [0, 1]}}, "alpha is searched on a log scale, which must start above 0"),
     ({"objective": {"TA": 1}}, "unknown metric 'TA'"),
     ({"objective": {"UA": 0, "RA": 0, "VA": 0, "val_MIA": 0}}, "every weight is 0"),
     ({"retrained": None}, "tuning needs the gold standard"),
