@@ -6,8 +6,8 @@ metrics), then `unlearn` on a copy of the base model.
 
 The same code runs a study's runs in main.py's process and on Ray workers (study.py),
 the unlearning runs of audit.py (auditing.py) and tune.py's trials (tuning.py, with its
-own judge of each epoch). RTE counts the saliency gradients,
-the mask and the method's epochs, never the evaluations between them.
+own judge of each epoch). RTE counts the saliency gradients, the mask and the method's
+epochs, never the evaluations between them.
 """
 import contextlib
 import copy
