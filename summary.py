@@ -217,7 +217,7 @@ def effects_csv(effects):
     return out.getvalue()
 
 
-SETTING_KEYS = ("lr", "epochs", "batch_size", "seed", "freeze_bn", "checkpoint", "retrained")
+SETTING_KEYS = ("lr", "epochs", "batch_size", "seed", "forget_seed", "freeze_bn", "checkpoint", "retrained")
 
 
 def settings_columns(e):
