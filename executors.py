@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import UserError
+from utils import UserError, compute_for
 
 
 EXECUTORS = ("local", "ray")
@@ -98,6 +98,27 @@ def check_reachable(address):
 
 
 # ---------------------------------------------------------------- Ray and its workers
+
+def worker_init(args, precision):
+    """What a CachingWorker starts with: the data folder, its device, the precision, its torch
+    threads and whether it logs to wandb."""
+    return (args.data_dir, "cuda" if args.gpus_per_run > 0 else "cpu", precision, max(1, int(args.cpus_per_run)),
+            not args.no_log)
+
+
+class CachingWorker:
+    """One Ray slot that runs tasks one after another, keeping unlearning.prepare's cache
+    between them: the base of main.py's and tune.py's workers."""
+
+    def __init__(self, data_dir, device, precision, threads, log):
+        torch.set_num_threads(threads)  # as many as the driver's local runs use: the same sums, the same numbers
+        self.log = log
+        self.cache = {"data_dir": data_dir}
+        self.compute = compute_for(torch.device(device), precision)
+
+    def ready(self):
+        return os.getpid()
+
 
 def start_ray(address):
     """Ray on this machine (loopback only, no dashboard), or a running cluster; quietly."""

@@ -23,14 +23,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from executors import EXECUTOR_FLAGS, Workers, start_ray
+from executors import EXECUTOR_FLAGS, CachingWorker, Workers, start_ray, worker_init
 from experiments import FORGET_KEYS, Experiment, experiment_names, from_args, overrides, resolve
 from unlearning import prepare, unlearn
-from utils import (Logger, UserError, atomic_write, atomic_write_text, check_writable, compute_for,
-                   default_precision, device_name, save_checkpoint, save_mask, timestamp, unique_dir)
+from utils import (Logger, UserError, atomic_write, atomic_write_text, changed_on_resume, check_writable,
+                   compute_for, default_precision, device_name, save_checkpoint, save_mask, timestamp, unique_dir)
 
 
 # ---------------------------------------------------------------- a new run folder, or an interrupted one
@@ -47,8 +46,7 @@ def resume_plan(args):
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json)")
     saved = json.loads((run_dir / "config.json").read_text())
-    fixed = [f for f in args.changed if f not in RESUME_MAY_CHANGE and not
-             (f == "--precision" and args.precision == saved.get("precision"))]
+    fixed = changed_on_resume(args, RESUME_MAY_CHANGE, saved)
     if fixed:
         raise UserError(f"--resume continues {run_dir} exactly as it was configured; {', '.join(fixed)} would "
                         f"change it (only --device, -NL, --save and the executor flags may be given): start a new "
@@ -222,17 +220,8 @@ def run_local(experiments, todo, folder, compute, args):
 
 # ---------------------------------------------------------------- the Ray executor
 
-class Worker:
-    """One slot: runs tasks one after another, keeping unlearning.prepare's cache between them."""
-
-    def __init__(self, data_dir, device, precision, threads, log):
-        torch.set_num_threads(threads)  # as many as the driver's local runs use: the same sums, the same numbers
-        self.log = log
-        self.cache = {"data_dir": data_dir}
-        self.compute = compute_for(torch.device(device), precision)
-
-    def ready(self):
-        return os.getpid()
+class Worker(CachingWorker):
+    """A study's slot: its runs, and the reference metrics of an experiment with none left."""
 
     def references(self, experiment):
         """Only the base and gold models' metrics (an experiment none of whose runs is left to do)."""
@@ -276,8 +265,7 @@ def run_on_ray(experiments, todo, folder, precision, args):
 def schedule(ray, experiments, todo, folder, precision, args):
     with_runs = {i for i, _ in todo}
     tasks = [Task(i, k) for i, k in todo] + [Task(i) for i in range(len(experiments)) if i not in with_runs]
-    init = (args.data_dir, "cuda" if args.gpus_per_run > 0 else "cpu", precision, max(1, int(args.cpus_per_run)),
-            not args.no_log)
+    init = worker_init(args, precision)
     workers = Workers(ray, Worker, args.cpus_per_run, args.gpus_per_run, init, len(tasks))
     refs = {}
 

@@ -22,9 +22,10 @@ the objective than the one it started from. The sampler is TPE, drawn anew befor
 every trial from the experiment's seed and the number of trials before it, so a tuning is the
 same on one machine whether or not it was interrupted, and with one Ray worker as locally.
 """
+import csv
+import io
 import json
 import math
-import os
 import sys
 import time
 import uuid
@@ -36,13 +37,13 @@ from tqdm import tqdm
 
 import metrics
 import plots
-from executors import EXECUTOR_FLAGS, Workers, start_ray
+from executors import EXECUTOR_FLAGS, CachingWorker, Workers, start_ray, worker_init
 from experiments import FORGET_KEYS, KEYS, Experiment, experiment_names, from_args, overrides, problem_lines, resolve
 from methods import METHODS
 from models import load_model
 from unlearning import prepare, unlearn
-from utils import (Logger, UserError, atomic_write_text, check_writable, compute_for, default_precision, device_name,
-                   in_interval, timestamp, unique_dir, value_problem)
+from utils import (Logger, UserError, atomic_write_text, changed_on_resume, check_writable, compute_for,
+                   default_precision, device_name, in_interval, timestamp, unique_dir, value_problem)
 
 WORST = 100.0  # a trial that failed or diverged: every gap is at most 100 points
 DEFAULT_WEIGHTS = {k: 1.0 for k in metrics.SELECTION_KEYS}
@@ -259,8 +260,7 @@ def resume_plan(args):
     saved = json.loads((run_dir / "config.json").read_text())
     if "search" not in saved:
         raise UserError(f"{run_dir} is a main.py run folder, not a tuning; resume it with main.py")
-    fixed = [f for f in args.changed if f not in RESUME_MAY_CHANGE and not
-             (f == "--precision" and args.precision == saved.get("precision"))]
+    fixed = changed_on_resume(args, RESUME_MAY_CHANGE, saved)
     if fixed:
         raise UserError(f"--resume continues {run_dir} as it was configured; {', '.join(fixed)} would change it "
                         f"(only --trials, --report, --device, -NL and the executor flags may be given)")
@@ -365,16 +365,8 @@ def run_trial(task, compute, cache, logger):
     return {**out, "state": "complete", "value": m["objective"], "metrics": m}
 
 
-class TrialWorker:
-    """One Ray slot: runs trials one after another, keeping unlearning.prepare's cache."""
-
-    def __init__(self, data_dir, device, precision, threads, log):
-        torch.set_num_threads(threads)
-        self.log, self.cache = log, {"data_dir": data_dir}
-        self.compute = compute_for(torch.device(device), precision)
-
-    def ready(self):
-        return os.getpid()
+class TrialWorker(CachingWorker):
+    """A tuning's Ray slot: its trials."""
 
     def run(self, task, log_name):
         logger = Logger(self.log, "salun-deepdive", log_name, task["params"])
@@ -441,8 +433,7 @@ class Studies:
         for i, (e, dims) in enumerate(zip(t.experiments, t.spaces)):
             study = self.studies[i]
             distributions = {d.key: d.distribution() for d in dims}
-            while len(self.counted(i)) + self.running[i] < budget:
-                n = len(self.counted(i)) + self.running[i]
+            while (n := len(self.counted(i)) + self.running[i]) < budget:
                 study.sampler = sampler(e.seed, n, budget)
                 if n == 0:
                     own = {d.key: value_of(e, d.key) for d in dims}
@@ -523,8 +514,7 @@ def log_name(tuner, ask):
 def run_on_ray(tuner, asks, done, describe, bar, args):
     ray = start_ray(args.ray_address)
     try:
-        init = (args.data_dir, "cuda" if args.gpus_per_run > 0 else "cpu", tuner.config["precision"],
-                max(1, int(args.cpus_per_run)), not args.no_log)
+        init = worker_init(args, tuner.config["precision"])
         wanted = tuner.config["trials"] * len(tuner.experiments)
         workers = Workers(ray, TrialWorker, args.cpus_per_run, args.gpus_per_run, init, wanted)
 
@@ -585,8 +575,6 @@ CSV_COLUMNS = ("experiment", "method", "mask", "forget", "trials", "complete", "
 
 def write_outputs(tuner, studies):
     """tuned.json, tuning.csv, tuning.md and one figure per experiment; returns the terminal's text."""
-    import csv
-    import io
     table = rows(tuner, studies)
     run_dir = tuner.run_dir
     atomic_write_text(run_dir / "tuned.json", "[\n" + ",\n".join(

@@ -157,6 +157,13 @@ def parse_noting_changes(parser, argv=None):
     return args
 
 
+def changed_on_resume(args, may_change, saved):
+    """The flags given with --resume that would change the saved run (an unchanged --precision
+    is no change)."""
+    return [f for f in args.changed if f not in may_change and not
+            (f == "--precision" and args.precision == saved.get("precision"))]
+
+
 def announce_compute(compute, asked):
     """The one line every training script prints at start: what it computes in, and where."""
     why = " (auto)" if asked == "auto" else ""
