@@ -23,6 +23,14 @@ as given; an absolute one outside the current directory loses only its leading "
 
 The file's writer and its reader (tsne_vis.py and wasserstein.py load features through
 it) are latent.py's.
+
+With --representations, every checkpoint main.py saved (its config names the experiment,
+and so its base model and gold standard) is also measured after the fact as main.py
+--representations measures it (representations.py: probe, k-NN, CKA, relearn time, per
+stage, with the mask's share per stage from <folder>/masks/): representations.md,
+representations.csv and layers.png next to the features files.
+
+    python feature_extraction.py -D output/demo --representations
 """
 import argparse
 import json
@@ -31,9 +39,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 import datasets
+import representations
+from experiments import Experiment
 from latent import FEATURES_ROOT, SAMPLES, SAMPLES_HELP, embed_samples, features_record, prototypes, relative_name
 from models import load_model
-from utils import UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_checkpoint
+from summary import measured_row, reference_rows, write_representations
+from utils import (UserError, atomic_write_text, check_writable, cli, compute_for, get_device, load_checkpoint,
+                   load_mask)
 
 
 CONFIG_KEYS = ("model", "dataset", "num_classes", "in_chans", "img_size")
@@ -54,11 +66,16 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
     p.add_argument("--out", default=FEATURES_ROOT,
                    help="folder the script writes under: <out>/<checkpoint folder>/<stem>.json")
+    p.add_argument("--representations", nargs="*", metavar="KEY=VALUE",
+                   help="also measure the representations of main.py's checkpoints against their base and gold "
+                        "models, as main.py --representations does. Settings: " + representations.settings_help())
     return p
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.representations = representations.parse_settings(args.representations)
+    return args
 
 
 def checkpoint_files(folder):
@@ -87,6 +104,41 @@ def check_checkpoints(files, data_dir, device, models):
     return data
 
 
+def unlearned(files):
+    """{path: Experiment} of main.py's checkpoints among `files` (train.py's name no experiment)."""
+    out = {}
+    for path in files:
+        config = load_checkpoint(path)["config"]
+        if isinstance(config.get("experiment"), dict):
+            e = Experiment(**config["experiment"])
+            for role, ref in (("base model", e.checkpoint), ("gold standard", e.retrained)):
+                if ref and not Path(ref).is_file():
+                    raise UserError(f"{path}: its {role} {ref} is not found (paths are relative to where main.py ran)")
+            out[path] = e
+    return out
+
+
+def measure_folder(folder, found, out_dir, settings, data, device, models):
+    """The representations of main.py's checkpoints in one folder, against their base and gold models."""
+    table, probes = [], {}
+    for path, e in found.items():
+        model, config = load_model(path, device, models)
+        ds = data[config["dataset"]]
+        key = (e.checkpoint, e.retrained, json.dumps(config["forget_idx"]))
+        if key not in probes:
+            base, base_config = load_model(e.checkpoint, device)
+            split = datasets.make_split(ds, e.spec, seed=e.split_seed, val_idx=base_config["val_idx"],
+                                        forget_idx=config["forget_idx"])
+            gold = load_model(e.retrained, device)[0] if e.retrained else None
+            probes[key] = representations.Probe(ds, split, settings, base, gold)
+            table += reference_rows(e, None, None, probes[key].references)
+        mask_path = Path(folder) / "masks" / path.name
+        keep = load_mask(mask_path)[0] if mask_path.is_file() else None
+        table.append(measured_row(path.stem, e, probes[key].measure(model, keep)))
+    print(write_representations(out_dir, table))
+    print(f"representations of {len(found)} checkpoints in {out_dir}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.samples < 1 or args.batch_size < 1:
@@ -96,6 +148,10 @@ def main(argv=None):
     folders = {folder: checkpoint_files(folder) for folder in dict.fromkeys(args.directory)}
     models = {}  # one built model per architecture, reloaded per checkpoint
     data = check_checkpoints([f for files in folders.values() for f in files], args.data_dir, device, models)
+    found = {folder: unlearned(files) for folder, files in folders.items()} if args.representations else {}
+    if args.representations and not any(found.values()):
+        raise UserError("--representations measures main.py's checkpoints (they name their base and gold models); "
+                        f"none in {', '.join(folders)}")
     check_writable(args.out, "--out")
     for ds in data.values():
         if len(ds.y_train) < args.samples:
@@ -110,6 +166,8 @@ def main(argv=None):
             record = features_record(path, config, ds, feats, prototypes(model), n)
             atomic_write_text(out_dir / f"{path.stem}.json", json.dumps(record))
         print(f"features of {len(files)} checkpoints in {out_dir}")
+        if found.get(folder):
+            measure_folder(folder, found[folder], out_dir, args.representations, data, device, models)
 
 
 if __name__ == "__main__":

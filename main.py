@@ -5,12 +5,15 @@
     python main.py -c checkpoints/resnet18_digits_base.pt -CF 3 -M scrub -MA msteps=1 -E 3 -LR 0.01 -NL
     python main.py --resume output/20261130-101500_classforget
     python main.py -L exp/demo.json --nexp 3 -NL --executor ray --gpus-per-run 0.25
+    python main.py -L exp/demo.json --nexp 1 -NL --representations
 
 Results go to output/<run>/: config.json (the resolved experiments), results.jsonl (one
 line per finished run, written as it ends), summary.csv / summary.md / summary.png (with
 verdicts that hold over runs: mask_effect.csv pairs masked and unmasked runs by seed), and
 per experiment the unlearned model of its last run (<name>.pt, train.py's format) and
 its saliency mask (masks/<name>.pt); --save none or all keeps none or every run's.
+--representations adds what the features still know (representations.py): columns in the
+summaries, representations.csv and layers.png.
 With --executor ray each run is a task on a Ray worker (study.py); this process
 alone writes the run folder either way.
 """
@@ -22,6 +25,7 @@ import datasets
 import plots
 from executors import add_executor_flags, check_executor
 from experiments import add_experiment_flags, methods_help
+from representations import parse_settings, settings_help
 from study import (SAVE_CHOICES, RunFolder, drop_failed, failure_lines, plan, read_results, resume_command,
                    run_local, run_on_ray)
 from summary import mask_effects, note_failures, summarize, write_summary
@@ -49,8 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--save", choices=SAVE_CHOICES, default="last",
                    help="which unlearned models and masks are kept as .pt files: last: each experiment's last "
                         "run; none: no .pt file; all: every run's, as <experiment>_run<k>.pt (default: last)")
+    p.add_argument("--representations", nargs="*", metavar="KEY=VALUE",
+                   help="also measure what the features still know of the forget set, per stage of the network "
+                        "(linear probe, k-NN, CKA to base and gold, relearn time; representations.py): columns "
+                        "in summary.csv/.md, layers.png and representations.csv. Settings: " + settings_help())
     add_executor_flags(p, "each (experiment, run) is a task on a Ray worker")
-    return parse_noting_changes(p, argv)
+    args = parse_noting_changes(p, argv)
+    args.representations = parse_settings(args.representations)
+    return args
 
 
 def main(argv=None):
@@ -69,11 +79,12 @@ def main(argv=None):
     todo = [(i, k) for i in range(len(experiments)) for k in range(nexp) if (i, k) not in done]
     print(f"run folder: {run_dir} ({len(experiments)} experiments x {nexp} runs, {len(done)} already done)")
     folder = RunFolder(run_dir, config["run_id"], names, nexp, save, rows)
+    probing = config.get("representations")
     try:
         if args.executor == "ray" and todo:
-            refs = run_on_ray(experiments, todo, folder, config["precision"], args)
+            refs = run_on_ray(experiments, todo, folder, config["precision"], args, probing)
         else:
-            refs = run_local(experiments, todo, folder, compute, args)
+            refs = run_local(experiments, todo, folder, compute, args, probing)
     except KeyboardInterrupt:
         print(f"interrupted: {len(folder.rows)} of {len(experiments) * nexp} runs are in {results_path}; "
               f"resume with: {resume_command(run_dir, args)}", file=sys.stderr)

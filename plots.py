@@ -3,6 +3,7 @@
     plots.plot_summary("output/<run>/summary.png", table)   # main.py, at the end of a run
     plots.plot_tradeoff("output/<run>/tradeoff.png", table)
     plots.plot_curves("output/<run>/curves.png", table, results)
+    plots.plot_representation_layers("output/<run>/layers.png", table)   # main.py --representations
     plots.plot_masks("output/<run>")                        # main.py and mask_vis.py
     plots.heatmap(ax, matrix, labels, "viridis", 0, 1, "distance")  # wasserstein.py, masks
     plots.plot_epsilons("output/<audit>/epsilon.png", rows, n, "official")  # audit.py
@@ -13,6 +14,7 @@ Files only: matplotlib never needs a display here.
 """
 import csv
 import io
+import json
 import re
 import textwrap
 from dataclasses import dataclass
@@ -120,6 +122,73 @@ def plot_tradeoff(path, table):
                       label=label) for label, (c, m) in REFERENCES.items()]
     handles += [Line2D([], [], color=c, marker="o", linestyle="", markersize=7, label=m) for m, c in colours.items()]
     handles += [Line2D([], [], color="grey", marker=m, linestyle="", markersize=7,
+                       label="no mask" if k == "-" else f"mask {k}") for k, m in markers.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    save(fig, path)
+
+
+LAYER_PANELS = (("probe", "probe: forgotten class (%)"), ("cka_gold", "CKA to the gold standard"),
+                ("cka_base", "CKA to the base model"))
+
+
+def plot_representation_layers(path, table):
+    """Where the class disappears, stage by stage (main.py --representations): the probe's
+    accuracy on the forgotten class and the CKA to the gold standard and to the base model at
+    the output of every stage, one line per experiment (colour = method, marker = mask), the
+    base and gold models dashed; beside them the share of each stage's weights the mask keeps.
+    One row of panels per forget set."""
+    rows = [r for r in table if r.get("stages")]
+    specs = list(dict.fromkeys(r["forget"] for r in rows))
+    colours, markers = method_colours(table), mask_markers(table)
+    masked = any(r["stages"].get("mask") for r in rows)
+    ncols = len(LAYER_PANELS) + masked
+    fig, axes = plt.subplots(len(specs), ncols, squeeze=False, figsize=(min(MAX_WIDTH_IN, 4.6 * ncols + 2.5),
+                                                                        0.8 + 3.8 * len(specs)),
+                             dpi=DPI, layout="constrained")
+    for row_axes, spec in zip(axes, specs):
+        here = [r for r in rows if r["forget"] == spec]
+        names = here[0]["stages"]["name"]
+        x = np.arange(len(names))
+        for ax, (key, title) in zip(row_axes, LAYER_PANELS):
+            for r in here:
+                values = r["stages"].get(key)
+                if not values:
+                    continue
+                if r["experiment"] in REFERENCES:
+                    colour, marker = REFERENCES[r["experiment"]]
+                    ax.plot(x, values, color=colour, linestyle="--", linewidth=2, marker=marker, markersize=8, zorder=3)
+                else:
+                    ax.plot(x, values, color=colours.get(r["method"]), marker=markers[r["mask"]], markersize=5,
+                            linewidth=1, alpha=0.85)
+            ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+            ax.set_title(f"forget {spec}: {title}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "class forgetting only", transform=ax.transAxes, ha="center", color="0.5")
+        if masked:  # a mask depends on the checkpoint, forget set and threshold: one bar per distinct one
+            ax = row_axes[-1]
+            shares = {}  # the same shares -> (shares, thresholds), stages in model order
+            for r in here:
+                if r["stages"].get("mask"):
+                    key = json.dumps(r["stages"]["mask"], sort_keys=True)
+                    shares.setdefault(key, (r["stages"]["mask"], []))[1].append(r["mask"])
+            stages = list(dict.fromkeys(s for share, _ in shares.values() for s in share))
+            width = 0.8 / max(1, len(shares))
+            greys = plt.get_cmap("Greys")(np.linspace(0.4, 0.85, len(shares)))
+            for i, (share, thresholds) in enumerate(shares.values()):
+                ax.bar(np.arange(len(stages)) + (i - (len(shares) - 1) / 2) * width,
+                       [share.get(s, np.nan) for s in stages], width, color=greys[i],
+                       label="mask " + "/".join(dict.fromkeys(thresholds)))
+            ax.set_xticks(np.arange(len(stages)), stages, rotation=30, ha="right", fontsize=8)
+            ax.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6))
+            ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=2)
+            ax.set_title(f"forget {spec}: weights the mask keeps", fontsize=9)
+            ax.tick_params(labelsize=8)
+    handles = [Line2D([], [], color=c, marker=m, linestyle="--", markersize=8, label=label)
+               for label, (c, m) in REFERENCES.items()]
+    handles += [Line2D([], [], color=c, marker="o", linestyle="-", markersize=5, label=m) for m, c in colours.items()]
+    handles += [Line2D([], [], color="grey", marker=m, linestyle="", markersize=6,
                        label="no mask" if k == "-" else f"mask {k}") for k, m in markers.items()]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     save(fig, path)

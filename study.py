@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from executors import EXECUTOR_FLAGS, CachingWorker, Workers, start_ray, worker_init
 from experiments import FORGET_KEYS, Experiment, experiment_names, from_args, overrides, resolve
+from representations import Settings, probe_for
 from unlearning import prepare, unlearn
 from utils import (Logger, UserError, atomic_write, atomic_write_text, changed_on_resume, check_writable,
                    compute_for, default_precision, device_name, save_checkpoint, save_mask, timestamp, unique_dir)
@@ -78,6 +79,7 @@ def plan(args, device):
     run_dir = unique_dir(args.out, args.name or f"{timestamp()}_{label}")
     config = {"experiments": [asdict(e) for e in experiments], "names": experiment_names(experiments),
               "nexp": args.nexp, "data_dir": args.data_dir, "precision": compute.precision,
+              "representations": asdict(args.representations) if args.representations else None,
               "device_name": device_name(device), "run_id": uuid.uuid4().hex, "save": args.save,
               "command": sys.argv}
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
@@ -189,9 +191,25 @@ def resume_command(run_dir, args=None):
 
 # ---------------------------------------------------------------- the local executor
 
-def run_local(experiments, todo, folder, compute, args):
+def reference_metrics(e, ctx, cache, probing):
+    """The base and gold models' metrics, and their representation metrics when `probing`."""
+    refs = {"before": ctx.before, "gold": ctx.gold}
+    if probing:
+        refs["representations"] = probe_for(e, ctx, cache, Settings(**probing)).references
+    return refs
+
+
+def measured(result, e, ctx, cache, probing, model, mask):
+    """`result` with the unlearned model's representation metrics when `probing`."""
+    if probing and result["diverged_at"] is None:
+        result["representations"] = probe_for(e, ctx, cache, Settings(**probing)).measure(model, mask.keep if mask else None)
+    return result
+
+
+def run_local(experiments, todo, folder, compute, args, probing=None):
     """The runs one after another in this process: one bar over every run of the list, the
-    current run's epochs under it. Returns the reference metrics of every experiment."""
+    current run's epochs under it. Returns the reference metrics of every experiment, and with
+    `probing` (representations.Settings as a dict) measures the representations of every model."""
     cache, refs = {"data_dir": args.data_dir}, {}
     total = len(experiments) * folder.nexp
     with tqdm(total=total, initial=total - len(todo), unit="run", dynamic_ncols=True) as bar:
@@ -200,7 +218,7 @@ def run_local(experiments, todo, folder, compute, args):
             if runs:  # a finished experiment only gives its reference metrics: no redraw
                 bar.set_description(folder.names[i])
             ctx = prepare(e, compute, cache)
-            refs[i] = {"before": ctx.before, "gold": ctx.gold}
+            refs[i] = reference_metrics(e, ctx, cache, probing)
             for k in runs:
                 with tqdm(total=e.epochs, desc=f"  run {k + 1}/{folder.nexp}", unit="epoch", position=1,
                           leave=False, dynamic_ncols=True) as epochs:
@@ -212,6 +230,7 @@ def run_local(experiments, todo, folder, compute, args):
                                     f"{folder.run_dir.name}/{folder.names[i]}/run{k}", asdict(e))
                     model, mask, result = unlearn(e, ctx, e.seed + k, logger, show)
                     logger.finish()
+                measured(result, e, ctx, cache, probing, model, mask)
                 folder.record(i, k, result, compute.describe(),
                               lambda name: save_outputs(folder.run_dir, name, e, ctx, model, mask, result))
                 bar.update()
@@ -223,25 +242,27 @@ def run_local(experiments, todo, folder, compute, args):
 class Worker(CachingWorker):
     """A study's slot: its runs, and the reference metrics of an experiment with none left."""
 
-    def references(self, experiment):
+    def references(self, experiment, probing=None):
         """Only the base and gold models' metrics (an experiment none of whose runs is left to do)."""
-        ctx = prepare(Experiment(**experiment), self.compute, self.cache)
-        return {"refs": {"before": ctx.before, "gold": ctx.gold}}
+        e = Experiment(**experiment)
+        ctx = prepare(e, self.compute, self.cache)
+        return {"refs": reference_metrics(e, ctx, self.cache, probing)}
 
-    def run(self, experiment, k, save_as, log_name):
+    def run(self, experiment, k, save_as, log_name, probing=None):
         """Run k of the experiment: its result, the reference metrics and the files to save."""
         e = Experiment(**experiment)
         ctx = prepare(e, self.compute, self.cache)
         logger = Logger(self.log, "salun-deepdive", log_name, experiment)
         model, mask, result = unlearn(e, ctx, e.seed + k, logger)
         logger.finish()
+        measured(result, e, ctx, self.cache, probing, model, mask)
         files = {}
         if save_as and result["diverged_at"] is None:  # written here, sent back, written by the driver
             with tempfile.TemporaryDirectory() as tmp:
                 save_outputs(Path(tmp), save_as, e, ctx, model, mask, result)
                 files = {p.relative_to(tmp).as_posix(): p.read_bytes()
                          for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-        return {"result": result, "refs": {"before": ctx.before, "gold": ctx.gold}, "files": files,
+        return {"result": result, "refs": reference_metrics(e, ctx, self.cache, probing), "files": files,
                 "describe": self.compute.describe(), "pid": os.getpid()}
 
 
@@ -252,17 +273,17 @@ class Task:
     attempts: int = 0
 
 
-def run_on_ray(experiments, todo, folder, precision, args):
+def run_on_ray(experiments, todo, folder, precision, args, probing=None):
     """Every (experiment, run) in `todo` as a Ray task; results are recorded in `folder` as they
     come back. Returns the reference metrics of every experiment."""
     ray = start_ray(args.ray_address)
     try:
-        return schedule(ray, experiments, todo, folder, precision, args)
+        return schedule(ray, experiments, todo, folder, precision, args, probing)
     finally:
         ray.shutdown()
 
 
-def schedule(ray, experiments, todo, folder, precision, args):
+def schedule(ray, experiments, todo, folder, precision, args, probing=None):
     with_runs = {i for i, _ in todo}
     tasks = [Task(i, k) for i, k in todo] + [Task(i) for i in range(len(experiments)) if i not in with_runs]
     init = worker_init(args, precision)
@@ -286,17 +307,17 @@ def schedule(ray, experiments, todo, folder, precision, args):
     total = len(experiments) * folder.nexp
     with tqdm(total=total, initial=total - len(todo), unit="run", desc=f"ray, {len(workers.started)} workers",
               dynamic_ncols=True) as bar:
-        workers.run(tasks, lambda worker, task: submit(worker, task, experiments, folder), done, failed,
+        workers.run(tasks, lambda worker, task: submit(worker, task, experiments, folder, probing), done, failed,
                     lambda task: describe(task, folder), bar)
     return refs
 
 
-def submit(worker, task, experiments, folder):
+def submit(worker, task, experiments, folder, probing):
     e = asdict(experiments[task.i])
     if task.k is None:
-        return worker.references.remote(e)
+        return worker.references.remote(e, probing)
     return worker.run.remote(e, task.k, folder.save_as(task.i, task.k),
-                             f"{folder.run_dir.name}/{folder.names[task.i]}/run{task.k}")
+                             f"{folder.run_dir.name}/{folder.names[task.i]}/run{task.k}", probing)
 
 
 def describe(task, folder):

@@ -15,6 +15,8 @@ import io
 import json
 import math
 
+import numpy as np
+
 import metrics
 import plots
 from experiments import method_settings
@@ -25,6 +27,9 @@ METRIC_KEYS = ("UA", "RA", "TA", "VA", "MIA", "loss_MIA_AUC", "avg_gap")  # n/a 
 SUMMARY_KEYS = METRIC_KEYS + ("rte_s", "mask_fraction", "mask_zero_fraction")
 CSV_ONLY_KEYS = ("TA_forgotten", "VA_forgotten", "loss_MIA_forget", "UA_gap", "RA_gap", "TA_gap", "MIA_gap")
 BEATS = "beats_do_nothing"
+# main.py --representations (representations.py): the penultimate features' numbers, and per stage
+REPRESENTATION_KEYS = ("probe_forgotten", "knn_forgotten", "cka_base", "cka_gold", "relearn_steps", "relearned")
+STAGE_KEYS = ("probe", "knn", "cka_base", "cka_gold")
 
 
 def flat(row):
@@ -32,19 +37,44 @@ def flat(row):
     m.update(row.get("gap", {}))
     m["rte_s"], m["mask_fraction"] = row["rte_s"], row["mask_fraction"]
     m["mask_zero_fraction"] = row.get("mask_zero_fraction")
+    m.update({k: v for k, v in (row.get("representations") or {}).items() if k in REPRESENTATION_KEYS})
     return m
 
 
-def reference_rows(e, before, gold):
+def stage_means(measures):
+    """The per-stage numbers of representations.Probe.measure, averaged over runs (NaN-aware),
+    with the mask's share of each stage (the same in every run of an experiment)."""
+    measures = [m["stages"] for m in measures if m and m.get("stages")]
+    if not measures:
+        return None
+    out = {"name": measures[0]["name"]}
+    for k in STAGE_KEYS:
+        lists = [m[k] for m in measures if m.get(k)]
+        if lists:
+            with np.errstate(all="ignore"):
+                out[k] = np.nanmean(np.array(lists, dtype=float), axis=0).tolist()
+    if "mask" in measures[0]:
+        out["mask"] = measures[0]["mask"]
+    return out
+
+
+def reference_rows(e, before, gold, representations=None):
     """The base model's row (with its gap to the gold standard: the do-nothing baseline)
     and the gold standard's row, for one checkpoint and forget set."""
     out = []
-    for label, m in (("base (before)", before), ("gold standard", gold)):
-        if not m:
+    representations = representations or {}
+    for label, m, key in (("base (before)", before, "base"), ("gold standard", gold, "gold")):
+        probed = representations.get(key) or {}
+        if not m and not probed:
             continue
-        m = dict(m, **metrics.gap(before, gold)) if label == "base (before)" and gold else m
-        out.append({"experiment": label, "method": "-", "mask": "-", "forget": e.spec.describe(), "runs": 1,
-                    **{k: (m[k], 0.0) for k in SUMMARY_KEYS + CSV_ONLY_KEYS if m.get(k) is not None}})
+        m = dict(m, **metrics.gap(before, gold)) if label == "base (before)" and gold else dict(m or {})
+        m.update({k: v for k, v in probed.items() if k in REPRESENTATION_KEYS})
+        row = {"experiment": label, "method": "-", "mask": "-", "forget": e.spec.describe(), "runs": 1,
+               **{k: (m[k], 0.0) for k in SUMMARY_KEYS + CSV_ONLY_KEYS + REPRESENTATION_KEYS
+                  if m.get(k) is not None}}
+        if probed:
+            row["stages"] = stage_means([probed])
+        out.append(row)
     return out
 
 
@@ -61,17 +91,20 @@ def summarize(names, experiments, rows, refs):
         key = (e.checkpoint, e.spec.describe())
         if key not in seen and ref:
             seen.add(key)
-            table += reference_rows(e, ref["before"], golds.get(key))
+            table += reference_rows(e, ref["before"], golds.get(key), ref.get("representations"))
         mine = [r for r in rows if r["experiment"] == i]
         if not mine:
             continue
         finished = [flat(r) for r in mine if r["diverged_at"] is None]
         row = {"experiment": name, "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
                "forget": e.spec.describe(), "runs": len(mine), **settings_columns(e)}
-        for k in SUMMARY_KEYS + CSV_ONLY_KEYS:
+        for k in SUMMARY_KEYS + CSV_ONLY_KEYS + REPRESENTATION_KEYS:
             vals = [m[k] for m in finished if m.get(k) is not None]
             if vals:
                 row[k] = mean_std(vals)
+        stages = stage_means([r.get("representations") for r in mine if r["diverged_at"] is None])
+        if stages:
+            row["stages"] = stages
         if ref.get("gold") and "avg_gap" in row:
             do_nothing = metrics.gap(ref["before"], ref["gold"])["avg_gap"]
             row[BEATS] = verdict([m["avg_gap"] for m in finished if m.get("avg_gap") is not None], do_nothing,
@@ -227,7 +260,7 @@ def settings_columns(e):
 
 
 COLUMNS = ("experiment", "method", "mask", "forget", "runs") + SUMMARY_KEYS + (BEATS, "diverged")
-NUMERIC = SUMMARY_KEYS + CSV_ONLY_KEYS
+NUMERIC = SUMMARY_KEYS + CSV_ONLY_KEYS + REPRESENTATION_KEYS
 # The terminal's table: the numbers a reader compares, at most 120 characters wide.
 SCREEN = (("UA", "UA"), ("RA", "RA"), ("TA", "TA"), ("MIA", "MIA"), ("avg_gap", "Avg. Gap"), ("rte_s", "RTE s"))
 SCREEN_WIDTH = 120
@@ -245,7 +278,9 @@ def cell(v, key, runs=2, sep=" ± ", digits=None):
 
 def csv_columns(table):
     settings = list(dict.fromkeys(k for row in table for k in row if k in SETTING_KEYS or k.startswith("method_args.")))
-    return ["experiment", "method", "mask", "forget", "runs"] + settings + list(NUMERIC) + [BEATS, "diverged"]
+    probed = [k for k in REPRESENTATION_KEYS if any(k in row for row in table)]
+    return (["experiment", "method", "mask", "forget", "runs"] + settings + list(SUMMARY_KEYS + CSV_ONLY_KEYS) + probed
+            + [BEATS, "diverged"])
 
 
 def csv_text(table):
@@ -308,6 +343,64 @@ def screen_table(table):
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- representations
+
+REPRESENTATION_COLUMNS = (("probe_forgotten", "probe"), ("knn_forgotten", "k-NN"), ("cka_base", "CKA base"),
+                          ("cka_gold", "CKA gold"), ("relearn_steps", "relearn steps"), ("relearned", "relearned %"))
+REPRESENTATION_NOTE = (
+    "What the features still know (representations.py, fp32, held-out samples): probe and k-NN: accuracy (%) "
+    "of a linear probe and of a cosine k-NN fit on validation features of every class, on the forgotten class's "
+    "test samples; CKA base/gold: linear CKA of test features with the base model's and the gold standard's; all "
+    "from the penultimate features. relearn steps: SGD steps on a small part of the forget set until the "
+    "accuracy on the rest is within a margin of the base model's (a run that never gets there counts the cap; "
+    "relearned: the share that got there). Per stage: layers.png and representations.csv.")
+
+
+def representation_markdown(table):
+    rows = [r for r in table if "stages" in r or any(k in r for k, _ in REPRESENTATION_COLUMNS)]
+    if not rows:
+        return None
+    body = [[r["experiment"], r["forget"]] + [cell(r.get(k, "n/a"), k, r.get("runs", 1), digits=3 if k.startswith(
+        "cka") else 1) for k, _ in REPRESENTATION_COLUMNS] for r in rows]
+    return REPRESENTATION_NOTE + "\n\n" + markdown(["experiment", "forget"] + [h for _, h in REPRESENTATION_COLUMNS],
+                                                   body)
+
+
+def measured_row(name, e, measure):
+    """The table row of one model's representations.Probe.measure (feature_extraction.py's)."""
+    return {"experiment": name, "method": e.method, "mask": format(e.mask_thr, "g") if e.use_mask else "-",
+            "forget": e.spec.describe(), "runs": 1, "stages": stage_means([measure]),
+            **{k: (measure[k], 0.0) for k in REPRESENTATION_KEYS if measure.get(k) is not None}}
+
+
+def write_representations(folder, table):
+    """representations.md, representations.csv and layers.png of measured models; returns the Markdown."""
+    md = representation_markdown(table)
+    atomic_write_text(folder / "representations.md", md + "\n")
+    atomic_write_text(folder / "representations.csv", representations_csv(table))
+    plots.plot_representation_layers(folder / "layers.png", table)
+    return md
+
+
+def representations_csv(table):
+    """One line per (experiment, stage): the per-stage means and the mask's share of the stage (and
+    of the weights after the last stage, the classifier's: 'head')."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["experiment", "forget", "stage", *STAGE_KEYS, "mask_kept"])
+    for r in table:
+        st = r.get("stages")
+        if not st:
+            continue
+        mask = st.get("mask") or {}
+        for k, name in enumerate(st["name"] + [s for s in mask if s not in st["name"]]):  # and the head's weights
+            vals = [st[key][k] if st.get(key) and k < len(st["name"]) else None for key in STAGE_KEYS]
+            vals.append(mask.get(name))
+            writer.writerow([r["experiment"], r["forget"], name] +
+                            ["" if v is None or math.isnan(v) else f"{v:.4f}" for v in vals])
+    return out.getvalue()
+
+
 def write_summary(run_dir, table, results=(), effects=()):
     """summary.csv (every setting and metric), summary.md (the full table, the do-nothing line and
     the mask's effect), mask_effect.csv and the figures; returns the terminal's text."""
@@ -316,13 +409,18 @@ def write_summary(run_dir, table, results=(), effects=()):
                              for k in COLUMNS] for row in table])
     line = do_nothing_line(table)
     effect_md = effects_markdown(effects)
+    probed_md = representation_markdown(table)
     if effects:
         atomic_write_text(run_dir / "mask_effect.csv", effects_csv(effects))
-    atomic_write_text(run_dir / "summary.md", md + "".join("\n\n" + x for x in (line, effect_md) if x) + "\n")
+    atomic_write_text(run_dir / "summary.md",
+                      md + "".join("\n\n" + x for x in (line, effect_md, probed_md) if x) + "\n")
+    if probed_md:
+        atomic_write_text(run_dir / "representations.csv", representations_csv(table))
+        plots.plot_representation_layers(run_dir / "layers.png", table)
     plots.plot_summary(run_dir / "summary.png", table)
     plots.plot_tradeoff(run_dir / "tradeoff.png", table)
     if results:
         plots.plot_curves(run_dir / "curves.png", table, results)
     said = [f"{x['masked']} vs {x['unmasked']}: Avg. Gap {effect_cell(x['effect']['avg_gap'])}, {x['verdict']}"
             for x in effects if "avg_gap" in x["effect"]]
-    return screen_table(table) + "".join("\n\n" + x for x in (line, "\n".join(said)) if x)
+    return screen_table(table) + "".join("\n\n" + x for x in (line, "\n".join(said), probed_md) if x)

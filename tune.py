@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import representations
 import tuning
 from executors import add_executor_flags, check_executor
 from experiments import add_experiment_flags, methods_help
@@ -45,6 +46,9 @@ def build_parser():
                         "keeping no model (run tuned.json in main.py for them); 0: no report (default: %(default)s)")
     p.add_argument("--report-seed", type=int, default=REPORT_SEED,
                    help="first seed of the report's runs (default: %(default)s)")
+    p.add_argument("--representations", nargs="*", metavar="KEY=VALUE",
+                   help="the report also measures the representations (main.py --representations, with these "
+                        "settings)")
     add_experiment_flags(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     add_precision_flag(p)
@@ -60,7 +64,9 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return parse_noting_changes(build_parser(), argv)
+    args = parse_noting_changes(build_parser(), argv)
+    representations.parse_settings(args.representations)  # checked here, used by the report's main.py
+    return args
 
 
 def report_command(run_dir, args, precision):
@@ -69,6 +75,7 @@ def report_command(run_dir, args, precision):
            "--nexp", str(args.report), "--seed", str(args.report_seed), "--out", str(run_dir), "--name", "report",
            "--precision", precision, "--data-dir", args.data_dir, "--save", "none"]
     cmd += ["-NL"] if args.no_log else []
+    cmd += ["--representations", *args.representations] if args.representations is not None else []
     cmd += ["--device", args.device] if args.device else []
     if args.executor == "ray":
         cmd += ["--executor", "ray", "--cpus-per-run", f"{args.cpus_per_run:g}", "--gpus-per-run",
@@ -80,6 +87,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.report < 0:
         raise UserError(f"--report must be 0 or more, got {args.report}")
+    if args.representations is not None and not args.report:
+        raise UserError("--representations is measured by the report: give --report N too")
     device = get_device(args.device)
     check_executor(args, device)
     tuner = tuning.plan(args, device)

@@ -169,7 +169,8 @@ def with_params(e, params):
 
 # ---------------------------------------------------------------- a new tuning, or an interrupted one
 
-RESUME_MAY_CHANGE = {"--resume", "--device", "-NL", "--trials", "--report", "--report-seed", *EXECUTOR_FLAGS}
+RESUME_MAY_CHANGE = {"--resume", "--device", "-NL", "--trials", "--report", "--report-seed", "--representations",
+                     *EXECUTOR_FLAGS}
 
 
 @dataclass
@@ -263,7 +264,7 @@ def resume_plan(args):
     fixed = changed_on_resume(args, RESUME_MAY_CHANGE, saved)
     if fixed:
         raise UserError(f"--resume continues {run_dir} as it was configured; {', '.join(fixed)} would change it "
-                        f"(only --trials, --report, --device, -NL and the executor flags may be given)")
+                        f"(only --trials, --report, --representations, --device, -NL and the executor flags may be given)")
     if args.trials < 1:
         raise UserError(f"--trials must be at least 1, got {args.trials}")
     check_writable(run_dir, "tuning folder")

@@ -89,8 +89,9 @@ def study(ckpts, ray_address, tmp_path_factory):
     (tmp / "good.json").write_text(json.dumps(experiments(ckpts)))
     (tmp / "failing.json").write_text(json.dumps(experiments(ckpts, failing=True)))
     on_ray = start(tmp, "-L", "failing.json", "-NL", "--out", "out", "--name", "ray", "--executor", "ray",
-                   "--ray-address", ray_address)
-    local = start(tmp, "-L", "good.json", "-NL", "--out", "out", "--name", "local", "--save", "all")
+                   "--ray-address", ray_address, "--representations", "samples=50")
+    local = start(tmp, "-L", "good.json", "-NL", "--out", "out", "--name", "local", "--save", "all",
+                  "--representations", "samples=50")
     run_dir = tmp / "out" / "ray"
     _, stopped_err = interrupt_after_first_line(on_ray, run_dir / "results.jsonl")
     _, local_err = local.communicate(timeout=300)
@@ -107,7 +108,8 @@ def names(run_dir):
 def test_ray_gives_the_local_numbers_run_for_run(study):
     local, on_ray = rows_of(study["local"]), rows_of(study["ray"])
     assert set(local) == {(0, 0), (1, 0)}
-    assert {key: on_ray[key] for key in local} == local  # metrics, history, gaps, mask fractions
+    assert {key: on_ray[key] for key in local} == local  # metrics, history, gaps, mask fractions, representations
+    assert all(row["representations"]["cka_base"] > 0 for row in local.values())
     masked, ascent = names(study["local"])
     for name in (masked, ascent, f"masks/{masked}"):
         a = utils.load_checkpoint(study["local"] / f"{name}_run0.pt")["state_dict"]  # --save all

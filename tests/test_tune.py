@@ -105,12 +105,16 @@ def test_tuned_json_runs_in_main_on_fresh_seeds(tuned):
 
 
 def test_report_runs_the_tuned_settings_in_main_on_fresh_seeds(tuned):
-    """--resume of a finished tuning asks no trial; --report 1 runs tuned.json in main.py."""
-    r = run_here("tune.py", "--resume", tuned["run"], "-NL", "--report", "1")
+    """--resume of a finished tuning asks no trial; --report 1 runs tuned.json in main.py, here with
+    the representations measured (--representations without --report is refused)."""
+    r = run_here("tune.py", "--resume", tuned["run"], "-NL", "--representations")
+    assert r.returncode == 2 and "give --report N too" in r.stderr
+    r = run_here("tune.py", "--resume", tuned["run"], "-NL", "--report", "1", "--representations", "samples=100")
     assert r.returncode == 0, r.stderr
     assert len(trials_of(tuned["run"])) == TRIALS
     (row,) = [json.loads(x) for x in (tuned["run"] / "report" / "results.jsonl").read_text().splitlines()]
     assert row["seed"] == 100 and row["metrics"]["UA"] >= 0
+    assert row["representations"]["cka_base"] > 0 and (tuned["run"] / "report" / "layers.png").is_file()
     assert not list((tuned["run"] / "report").glob("*.pt"))  # --save none
     r = run_here("tune.py", "--resume", tuned["run"], "-NL", "--report", "1")
     assert r.returncode == 2 and "ran already" in r.stderr
