@@ -588,11 +588,22 @@ class ExtraClass(torch.nn.Module):
 
 
 def classifier_name(model):
+    """The dotted name of the model's linear classifier: timm's default_cfg names it ('fc' for a
+    ResNet, 'head.fc' for a ByobNet, 'head' for a ViT)."""
     name = getattr(model, "default_cfg", {}).get("classifier", "fc")
-    if not isinstance(getattr(model, name, None), torch.nn.Linear):
+    try:
+        head = model.get_submodule(name)
+    except AttributeError:
+        head = None
+    if not isinstance(head, torch.nn.Linear):
         raise UserError(f"boundary_expanding needs a linear classifier head; {type(model).__name__} has none "
-                         f"at {name!r}")
+                        f"at {name!r}")
     return name
+
+
+def set_submodule(model, name, module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 @method("boundary_expanding", paper="Boundary Expanding (Chen et al., CVPR 2023)",
@@ -601,8 +612,8 @@ def boundary_expanding(model, run, s, mask):
     """A temporary extra output class absorbs the forget samples during fine-tuning on
     them; it is removed afterwards. Its weights are outside the mask: they are free."""
     name = classifier_name(model)
-    head = getattr(model, name)
-    setattr(model, name, ExtraClass(head))
+    head = model.get_submodule(name)
+    set_submodule(model, name, ExtraClass(head))
     opt = make_optimizer(model, run.lr)
     extra_class = run.ds.num_classes
 
@@ -611,7 +622,7 @@ def boundary_expanding(model, run, s, mask):
     try:
         yield from sgd_epochs(run, lambda k: sgd_pass(model, opt, run, run.split.forget, loss, mask))
     finally:
-        setattr(model, name, head)
+        set_submodule(model, name, head)
 
 
 @dataclass

@@ -236,6 +236,32 @@ def effects_markdown(effects):
             "\"no difference\" where the interval covers 0, no verdict with one run.\n\n" + markdown(header, body))
 
 
+def method_table(table, effects):
+    """Markdown: a row per method, per forget set the Avg. Gap without and with the mask (mean ±
+    std) and masked − unmasked with its interval and verdict; the do-nothing row first. None
+    without masked/unmasked pairs."""
+    if not effects:
+        return None
+    rows = {r["experiment"]: r for r in table}
+    specs = list(dict.fromkeys(rows[x["unmasked"]]["forget"] for x in effects))
+    methods = list(dict.fromkeys(rows[x["unmasked"]]["method"] for x in effects))
+    by = {(rows[x["unmasked"]]["method"], rows[x["unmasked"]]["forget"]): x for x in effects}
+    gap = lambda r: cell(r.get("avg_gap", "n/a"), "avg_gap", r.get("runs", 1)) if r else ""
+    header = ["method"] + [h for spec in specs for h in (spec, "+ mask", "mask − no mask")]
+    base = {r["forget"]: r for r in table if r["experiment"] == "base (before)"}
+    body = [["do nothing (base model)"] + [c for spec in specs for c in (gap(base.get(spec)), "", "")]]
+    for m in methods:
+        line = [m]
+        for spec in specs:
+            x = by.get((m, spec))
+            line += ([gap(rows[x["unmasked"]]), gap(rows[x["masked"]]),
+                      (effect_cell(x["effect"]["avg_gap"]) + f" {x['verdict']}") if "avg_gap" in x["effect"] else "n/a"]
+                     if x else ["", "", ""])
+        body.append(line)
+    return "Avg. Gap to the gold standard per method, mean ± std over runs; the mask's effect paired by seed.\n\n" \
+        + markdown(header, body)
+
+
 def effects_csv(effects):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -409,11 +435,12 @@ def write_summary(run_dir, table, results=(), effects=()):
                              for k in COLUMNS] for row in table])
     line = do_nothing_line(table)
     effect_md = effects_markdown(effects)
+    methods_md = method_table(table, effects) if len({x["masked"] for x in effects}) > 1 else None
     probed_md = representation_markdown(table)
     if effects:
         atomic_write_text(run_dir / "mask_effect.csv", effects_csv(effects))
     atomic_write_text(run_dir / "summary.md",
-                      md + "".join("\n\n" + x for x in (line, effect_md, probed_md) if x) + "\n")
+                      md + "".join("\n\n" + x for x in (line, effect_md, methods_md, probed_md) if x) + "\n")
     if probed_md:
         atomic_write_text(run_dir / "representations.csv", representations_csv(table))
         plots.plot_representation_layers(run_dir / "layers.png", table)

@@ -151,3 +151,19 @@ def test_every_method_documents_its_settings():
                 assert f.type is bool and f.default is False, (name, f.name)
     assert METHODS["retrain"].fresh_model
     assert datasets.DATASETS.keys() >= {"cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "digits"}
+
+
+def test_boundary_expanding_finds_a_classifier_nested_in_a_head_module():
+    """timm names a ByobNet's classifier 'head.fc' (a ResNet's 'fc'): the extra class goes there and
+    comes back out."""
+    import methods
+    from models import create_model
+    model, _ = create_model("test_byobnet", 10, 1, 28)
+    assert methods.classifier_name(model) == "head.fc"
+    head = model.get_submodule("head.fc")
+    methods.set_submodule(model, "head.fc", methods.ExtraClass(head))
+    assert model.train()(torch.zeros(2, 1, 28, 28)).shape == (2, 11)
+    methods.set_submodule(model, "head.fc", head)
+    assert model.head.fc is head
+    resnet, _ = create_model("test_resnet", 10, 1, 8)
+    assert methods.classifier_name(resnet) == "fc"

@@ -14,6 +14,7 @@ import summary
 import tuning
 from conftest import run_here
 from experiments import Experiment, resolve
+from methods import METHODS
 
 TRIALS = 4
 
@@ -286,6 +287,25 @@ def test_mask_effect_is_paired_by_run():
     assert effect["verdict"] == "mask better" and effect["runs"] == 3
 
 
+def test_method_table_puts_each_method_and_its_mask_on_one_line():
+    def row(i, k, gap):
+        return {"experiment": i, "run": k, "diverged_at": None, "rte_s": 1.0, "mask_fraction": 1.0,
+                "metrics": {"UA": 0.0, "RA": 0.0, "TA": 0.0, "MIA": 0.0}, "gap": {"avg_gap": gap}}
+    exps = [Experiment(class_to_forget=3, method=m, use_mask=mask) for m in ("rl", "ga") for mask in (False, True)]
+    gaps = {0: (5.0, 6.0, 7.0), 1: (4.0, 5.1, 5.9), 2: (2.0, 2.0, 2.0), 3: (2.0, 2.5, 1.5)}
+    rows = [row(i, k, g) for i, gs in gaps.items() for k, g in enumerate(gs)]
+    names = ["rl", "rl_m", "ga", "ga_m"]
+    refs = {i: {"before": {"UA": 0.0, "RA": 0.0, "TA": 0.0, "MIA": 0.0}, "gold": {"UA": 100.0, "RA": 0.0, "TA": 0.0,
+                                                                             "MIA": 100.0}} for i in range(4)}
+    table = summary.summarize(names, exps, rows, refs)
+    text = summary.method_table(table, summary.mask_effects(names, exps, rows))
+    lines = text.splitlines()
+    assert lines[2] == "| method | class 3 | + mask | mask − no mask |"
+    assert lines[4] == "| do nothing (base model) | 50.00 |  |  |"
+    assert lines[5] == "| rl | 6.00 ± 1.00 | 5.00 ± 0.95 | -1.00 [-1.25, -0.75] mask better |"
+    assert lines[6] == "| ga | 2.00 ± 0.00 | 2.00 ± 0.50 | +0.00 [-1.24, +1.24] no difference |"
+
+
 def test_a_fresh_seed_keeps_the_random_forget_set_it_was_tuned_on(ckpts, more_golds):
     e = {"checkpoint": str(ckpts["base"]), "unlearning_rate": 0.1, "retrained": str(more_golds["rf"]), "method": "ft"}
     resolve([dict(e, seed=100, forget_seed=0)], "test", "data")
@@ -300,3 +320,33 @@ def test_val_mia_on_too_few_validation_samples_of_the_class_is_refused_up_front(
         assert not (tmp_path / "out").exists()
         entries = json.loads(tuning_file(tmp_path, ckpts, objective={"val_MIA": 0}).read_text())
         tuning.resolve_tuning(entries, "test", "data")  # without val_MIA in the objective: fine
+
+
+def test_the_fmnist_study_list_on_digits(ckpts, more_golds, tmp_path):
+    """make study-fmnist's list with the suite's digits checkpoints in place of Fashion-MNIST's:
+    all 60 experiments and their searches resolve; four of them (a method with and without the
+    mask, on class 0 and on a random 10%) tune for one trial and report with the representations."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    recipe = re.search(r"^study-fmnist:.*\n(\t.*\n)+", (root / "Makefile").read_text(), re.M).group(0)
+    assert "exp/study_fmnist.json" in recipe and "--report 3 --representations" in recipe
+    swap = {"base": str(ckpts["base"]), "cf0": str(ckpts["gold"]), "rf0.1": str(more_golds["rf"])}
+    entries = json.loads((root / "exp" / "study_fmnist.json").read_text())
+    for e in entries:
+        for key in ("checkpoint", "retrained"):
+            e[key] = swap[re.search(r"_(base|cf0|rf0\.1)\.pt$", e[key]).group(1)]
+    experiments, spaces, _ = tuning.resolve_tuning(entries, "study_fmnist.json", "data")
+    assert len(experiments) == 60 and all(spaces)
+    assert {(e.method, e.use_mask, e.class_to_forget) for e in experiments} == {
+        (m, mask, c) for m in METHODS for mask in (False, True) for c in (0, None)}
+    picked = [e for e in entries if e["method"] == "ga_small"]
+    assert len(picked) == 4
+    (tmp_path / "study.json").write_text(json.dumps(picked))
+    r = run_here("tune.py", "-L", tmp_path / "study.json", "--trials", "1", "-NL", "--out", tmp_path, "--name", "s",
+                 "--report", "1", "--representations", "samples=100")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "s" / "report" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(row["representations"]["cka_base"] > 0 for row in rows)
+    assert (tmp_path / "s" / "report" / "mask_effect.csv").is_file()
+    assert (tmp_path / "s" / "report" / "layers.png").is_file()
