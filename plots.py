@@ -172,17 +172,19 @@ def plot_representation_layers(path, table):
             for r in here:
                 if r["stages"].get("mask"):
                     key = json.dumps(r["stages"]["mask"], sort_keys=True)
-                    shares.setdefault(key, (r["stages"]["mask"], []))[1].append(r["mask"])
+                    shares.setdefault(key, (r["stages"]["mask"], []))[1].append(r)
             stages = list(dict.fromkeys(s for share, _ in shares.values() for s in share))
             width = 0.8 / max(1, len(shares))
             greys = plt.get_cmap("Greys")(np.linspace(0.4, 0.85, len(shares)))
-            for i, (share, thresholds) in enumerate(shares.values()):
+            for i, (share, users) in enumerate(shares.values()):
+                methods = list(dict.fromkeys(r["method"] for r in users))
+                label = "mask " + "/".join(dict.fromkeys(r["mask"] for r in users)) + ": " + (
+                    ", ".join(methods) if len(methods) <= 2 else f"{len(methods)} methods")
                 ax.bar(np.arange(len(stages)) + (i - (len(shares) - 1) / 2) * width,
-                       [share.get(s, np.nan) for s in stages], width, color=greys[i],
-                       label="mask " + "/".join(dict.fromkeys(thresholds)))
+                       [share.get(s, np.nan) for s in stages], width, color=greys[i], label=label)
             ax.set_xticks(np.arange(len(stages)), stages, rotation=30, ha="right", fontsize=8)
             ax.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6))
-            ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=2)
+            ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=1 if len(shares) > 1 else 2)
             ax.set_title(f"forget {spec}: weights the mask keeps", fontsize=9)
             ax.tick_params(labelsize=8)
     handles = [Line2D([], [], color=c, marker=m, linestyle="--", markersize=8, label=label)

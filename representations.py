@@ -163,17 +163,17 @@ def stage_features(model, ds, idx, test, batch_size=500):
 
 
 def stage_of_parameter(model):
-    """{parameter name: stage}: a parameter outside every stage's module belongs to the next
-    stage in model order (a ResNet's conv1 and bn1 to the stem), or after the last to 'head'."""
-    found = stages(model)
-    out, passed = {}, -1  # the last stage whose parameters were seen
+    """{parameter name: stage}: the stage whose module holds the parameter, else the first stage
+    registered after the parameter's module (a ResNet's conv1 and bn1 feed its stem; a ByobNet's
+    stages.3 feeds final_conv), else 'head' (the classifier, after the last stage)."""
+    order = {name: k for k, (name, _) in enumerate(model.named_modules())}
+    found = [(label, name, order[name]) for label, name, _ in stages(model)]
+    out = {}
     for n, _ in model.named_parameters():
-        j = next((j for j, (_, name, _) in enumerate(found) if n.startswith(name + ".")), None)
-        if j is not None:
-            passed = j
-            out[n] = found[j][0]
-        else:
-            out[n] = found[passed + 1][0] if passed + 1 < len(found) else "head"
+        owner = n.rpartition(".")[0]
+        inside = [label for label, name, _ in found if owner == name or owner.startswith(name + ".")]
+        after = [label for label, _, k in found if k > order[owner]]
+        out[n] = inside[0] if inside else after[0] if after else "head"
     return out
 
 

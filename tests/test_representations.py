@@ -91,6 +91,11 @@ def test_stages_and_mask_shares_of_a_resnet():
     shares = R.mask_stage_shares(model, keep)
     assert shares["layer2"] == 1.0 and shares["stem"] == shares["layer4"] == 0.0
     assert shares["head"] == pytest.approx(5 * 512 / (10 * 512 + 10))
+    byob, _ = create_model("test_byobnet", 10, 1, 28)  # feature_info ends at final_conv, an Identity after stages.3
+    assert [label for label, _, _ in R.stages(byob)] == ["stem", "stages.0", "stages.1", "stages.2", "final_conv"]
+    of = R.stage_of_parameter(byob)
+    assert of["stem.conv.weight"] == "stem" and of["stages.3.0.shortcut.conv.conv.weight"] == "final_conv"
+    assert of["head.fc.weight"] == of["head.fc.bias"] == "head"
 
 
 def test_stage_features_are_the_pooled_stage_outputs(digits):
@@ -132,7 +137,10 @@ def probe(ckpts, digits):
 def test_the_gold_standard_keeps_less_of_the_forgotten_class_than_the_base(probe):
     p, _, _, val_idx = probe
     base, gold = p.references["base"], p.references["gold"]
-    assert gold["probe_forgotten"] < base["probe_forgotten"]
+    # A model that never saw class 0 still separates it linearly on 8x8 digits: depending on the
+    # threads the fixture trained with, the gold standard's probe reads 89-100 against the base's
+    # 100 (docs/representations.md). Its neighbourhoods are what it lacks: k-NN reads 68 against 100.
+    assert gold["probe_forgotten"] <= base["probe_forgotten"]
     assert gold["knn_forgotten"] < base["knn_forgotten"]
     assert base["cka_base"] == pytest.approx(1.0) and gold["cka_gold"] == pytest.approx(1.0)
     assert base["cka_gold"] == pytest.approx(gold["cka_base"])
