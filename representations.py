@@ -25,6 +25,7 @@ The samples are drawn once per split from a fixed seed and capped at `samples`, 
 cost does not grow with the dataset, and every model is measured on the same ones.
 """
 import copy
+import json
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 import datasets
 from metrics import sample_indices
-from utils import UserError, setting, settings_problems
+from utils import UserError, describe_setting, setting, settings_problems
 
 PENULTIMATE = "penultimate"
 SEED = 0  # which samples are drawn: the same for every model and every run
@@ -59,7 +60,6 @@ def parse_settings(pairs):
     """Settings from ["samples=500", ...] (values as JSON); a UserError naming every problem."""
     if pairs is None:
         return None
-    import json
     values = {}
     for pair in pairs:
         key, eq, text = pair.partition("=")
@@ -76,7 +76,6 @@ def parse_settings(pairs):
 
 
 def settings_help():
-    from utils import describe_setting
     return "; ".join(f"{f.name} ({describe_setting(f)})" for f in fields(Settings))
 
 

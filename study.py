@@ -202,7 +202,8 @@ def reference_metrics(e, ctx, cache, probing):
 def measured(result, e, ctx, cache, probing, model, mask):
     """`result` with the unlearned model's representation metrics when `probing`."""
     if probing and result["diverged_at"] is None:
-        result["representations"] = probe_for(e, ctx, cache, Settings(**probing)).measure(model, mask.keep if mask else None)
+        probe = probe_for(e, ctx, cache, Settings(**probing))
+        result["representations"] = probe.measure(model, mask.keep if mask else None)
     return result
 
 

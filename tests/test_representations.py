@@ -212,8 +212,8 @@ def test_feature_extraction_measures_the_saved_models_the_same_way(probed_run, t
                  "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     (folder,) = {p.parent for p in tmp_path.rglob("representations.csv")}
-    after = {(row["experiment"], row["stage"]): row for row in csv.DictReader((folder / "representations.csv").open())}
-    during = {(row["experiment"], row["stage"]): row for row in csv.DictReader((run_dir / "representations.csv").open())}
+    by_stage = lambda path: {(row["experiment"], row["stage"]): row for row in csv.DictReader(path.open())}
+    after, during = by_stage(folder / "representations.csv"), by_stage(run_dir / "representations.csv")
     assert during.keys() == after.keys()
     for key, row in during.items():
         for k in ("probe", "knn", "cka_base", "cka_gold", "mask_kept"):

@@ -274,12 +274,16 @@ def test_mask_pairs_match_experiments_that_differ_only_in_the_mask_or_were_tuned
     assert summary.mask_pairs(exps) == [(1, 0), (2, 0), (4, 3)]  # two unmasked ga: no pair
 
 
+def gap_row(i, k, gap):
+    """Run k of experiment i, with only its Avg. Gap set."""
+    return {"experiment": i, "run": k, "diverged_at": None, "rte_s": 1.0, "mask_fraction": 1.0,
+            "metrics": {"UA": 0.0, "RA": 0.0, "TA": 0.0, "MIA": 0.0}, "gap": {"avg_gap": gap}}
+
+
 def test_mask_effect_is_paired_by_run():
-    def row(i, k, gap):
-        return {"experiment": i, "run": k, "diverged_at": None, "rte_s": 1.0, "mask_fraction": 1.0,
-                "metrics": {"UA": 0.0, "RA": 0.0, "TA": 0.0, "MIA": 0.0}, "gap": {"avg_gap": gap}}
     exps = [Experiment(class_to_forget=3), Experiment(class_to_forget=3, use_mask=True)]
-    rows = [row(0, k, g) for k, g in enumerate((5.0, 6.0, 7.0))] + [row(1, k, g) for k, g in enumerate((4.0, 5.1, 5.9))]
+    rows = [gap_row(0, k, g) for k, g in enumerate((5.0, 6.0, 7.0))] + \
+        [gap_row(1, k, g) for k, g in enumerate((4.0, 5.1, 5.9))]
     (effect,) = summary.mask_effects(["a", "b"], exps, rows)
     mean, low, high = effect["effect"]["avg_gap"]
     diffs = [-1.0, -0.9, -1.1]
@@ -288,12 +292,9 @@ def test_mask_effect_is_paired_by_run():
 
 
 def test_method_table_puts_each_method_and_its_mask_on_one_line():
-    def row(i, k, gap):
-        return {"experiment": i, "run": k, "diverged_at": None, "rte_s": 1.0, "mask_fraction": 1.0,
-                "metrics": {"UA": 0.0, "RA": 0.0, "TA": 0.0, "MIA": 0.0}, "gap": {"avg_gap": gap}}
     exps = [Experiment(class_to_forget=3, method=m, use_mask=mask) for m in ("rl", "ga") for mask in (False, True)]
     gaps = {0: (5.0, 6.0, 7.0), 1: (4.0, 5.1, 5.9), 2: (2.0, 2.0, 2.0), 3: (2.0, 2.5, 1.5)}
-    rows = [row(i, k, g) for i, gs in gaps.items() for k, g in enumerate(gs)]
+    rows = [gap_row(i, k, g) for i, gs in gaps.items() for k, g in enumerate(gs)]
     names = ["rl", "rl_m", "ga", "ga_m"]
     refs = {i: {"before": {"UA": 0.0, "RA": 0.0, "TA": 0.0, "MIA": 0.0}, "gold": {"UA": 100.0, "RA": 0.0, "TA": 0.0,
                                                                              "MIA": 100.0}} for i in range(4)}
