@@ -195,6 +195,13 @@ def read_folders(folders, n=None):
 
 # ---------------------------------------------------------------- t-SNE
 
+def unit_rows(x):
+    """The rows of x scaled to unit length (an all-zero row stays zero): cosine geometry for
+    t-SNE here and for representations.py's k-NN."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
 def embed(X, dims=(2, 3), seed=0, n_jobs=-1):
     """t-SNE of the rows of X into each of `dims` (2 or 3) dimensions: one array per dim,
     deterministic for a seed.
@@ -215,8 +222,7 @@ def embed(X, dims=(2, 3), seed=0, n_jobs=-1):
     X = np.asarray(X, dtype=np.float64)
     if len(X) < 4:
         raise UserError(f"t-SNE needs at least 4 points, got {len(X)}")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    X = X / np.where(norms > 0, norms, 1.0)
+    X = unit_rows(X)
     perplexity = min(30.0, (len(X) - 1) / 3)  # openTSNE needs 3 * perplexity < n
     affinities = PerplexityBasedNN(X, perplexity=perplexity, n_jobs=n_jobs, random_state=seed, verbose=False)
     P, out = affinities.P, []

@@ -56,6 +56,16 @@ def mask_markers(table):
     return {"-": "o", **{m: MASK_MARKERS[i % len(MASK_MARKERS)] for i, m in enumerate(masks)}}
 
 
+def legend(fig, colours, markers, reference_style, method_style, mask_size):
+    """The figure's legend: the base and gold references, a colour per method, a marker per mask."""
+    handles = [Line2D([], [], color=c, marker=m, label=label, **reference_style)
+               for label, (c, m) in REFERENCES.items()]
+    handles += [Line2D([], [], color=c, marker="o", label=m, **method_style) for m, c in colours.items()]
+    handles += [Line2D([], [], color="grey", marker=m, linestyle="", markersize=mask_size,
+                       label="no mask" if k == "-" else f"mask {k}") for k, m in markers.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+
+
 def save(fig, path):
     atomic_write(path, lambda out: fig.savefig(out, format="png", dpi=DPI))
     plt.close(fig)
@@ -118,12 +128,8 @@ def plot_tradeoff(path, table):
             ax.set_title(f"forget {spec}: forgetting vs {'test' if k == 'TA' else 'retain'} accuracy", fontsize=10)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=8)
-    handles = [Line2D([], [], color=c, marker=m, linestyle="", markersize=10, markeredgecolor="black",
-                      label=label) for label, (c, m) in REFERENCES.items()]
-    handles += [Line2D([], [], color=c, marker="o", linestyle="", markersize=7, label=m) for m, c in colours.items()]
-    handles += [Line2D([], [], color="grey", marker=m, linestyle="", markersize=7,
-                       label="no mask" if k == "-" else f"mask {k}") for k, m in markers.items()]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    legend(fig, colours, markers, dict(linestyle="", markersize=10, markeredgecolor="black"),
+           dict(linestyle="", markersize=7), 7)
     save(fig, path)
 
 
@@ -187,12 +193,7 @@ def plot_representation_layers(path, table):
             ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=1 if len(shares) > 1 else 2)
             ax.set_title(f"forget {spec}: weights the mask keeps", fontsize=9)
             ax.tick_params(labelsize=8)
-    handles = [Line2D([], [], color=c, marker=m, linestyle="--", markersize=8, label=label)
-               for label, (c, m) in REFERENCES.items()]
-    handles += [Line2D([], [], color=c, marker="o", linestyle="-", markersize=5, label=m) for m, c in colours.items()]
-    handles += [Line2D([], [], color="grey", marker=m, linestyle="", markersize=6,
-                       label="no mask" if k == "-" else f"mask {k}") for k, m in markers.items()]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    legend(fig, colours, markers, dict(linestyle="--", markersize=8), dict(linestyle="-", markersize=5), 6)
     save(fig, path)
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
+from latent import unit_rows
 from metrics import sample_indices
 from utils import UserError, describe_setting, setting, settings_problems
 
@@ -93,11 +94,6 @@ def linear_probe(train_x, train_y, test_x, test_y):
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = LogisticRegression(max_iter=1000).fit(scaler.transform(train_x), train_y)
     return 100.0 * float(np.mean(clf.predict(scaler.transform(test_x)) == test_y))
-
-
-def unit_rows(x):
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k=5):
