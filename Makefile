@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2
 CKPT := checkpoints
 BASE := $(CKPT)/resnet18_digits_base.pt
 GOLD := $(CKPT)/resnet18_digits_cf0.pt
@@ -22,7 +23,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 $(BASE): | $(STAMP)
 	$(PY) train.py --dataset digits --epochs 10 --batch-size 64 --lr 0.1 -NL

@@ -19,6 +19,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# `make test` runs the suite on two pytest-xdist workers, one file at a time each: one torch
+# thread per worker (and per script it starts), as two processes of two threads on two cores
+# slow each other several times over. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+# pytest-xdist hands out whole files in collection order: the longest first, so that the two
+# workers finish together.
+LONGEST_FIRST = ("test_ray.py", "test_audit.py", "test_tune.py", "test_bench.py", "test_main.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
 
 def run_script(script, *args, cwd=None, timeout=300, env=None):
     """Run one of the toolkit's scripts as a user would; returns the CompletedProcess."""
