@@ -221,13 +221,18 @@ def test_bad_teacher_is_an_adam_step_on_the_element_wise_mean_kl(setting):
         for p, g in zip(params, grads):
             p -= lr * g / (g.abs() + 1e-8)
     got = run_method(setting, "bad_teacher", lr=lr, retain_fraction=1.0)
-    # The step is lr * g / (|g| + 1e-8): about lr * sign(g) wherever |g| is well above 1e-8. Where a
-    # gradient is near 0, summation order alone moves it across that scale, so there the step is
-    # only checked to be at most lr, as Adam's first step always is.
+    # The step is lr * g / (|g| + 1e-8): lr * sign(g) wherever |g| is well above 1e-8. A gradient
+    # entry that is a small remainder of large terms of both signs can change sign with the order of
+    # the sums alone (one at 7e-4 of its tensor's largest did, with one torch thread): the step is
+    # compared where |g| is at least 1% of the tensor's largest, and everywhere else checked to be at
+    # most lr, as Adam's first step always is.
+    compared = 0
     for (n, p), q, p0, g in zip(got.named_parameters(), want.parameters(), setting[1].parameters(), grads):
-        clear = g.abs() > 1e-6
+        clear = g.abs() > 1e-2 * g.abs().max()
+        compared += int(clear.sum())
         assert torch.allclose(p[clear], q[clear], rtol=1e-4, atol=1e-7), n
         assert ((p - p0).abs() <= lr * (1 + 1e-3) + 1e-7).all(), n
+    assert compared > 0.3 * sum(p.numel() for p in params)  # a third of the weights, the larger gradients
     # Adam's step hardly sees the loss's scale; SGD's shows it is the mean over batch x classes
     want = expected_model(setting)
     logits = want(x)
