@@ -166,9 +166,8 @@ def stage_of_parameter(model):
     out = {}
     for n, _ in model.named_parameters():
         owner = n.rpartition(".")[0]
-        inside = [label for label, name, _ in found if owner == name or owner.startswith(name + ".")]
-        after = [label for label, _, k in found if k > order[owner]]
-        out[n] = inside[0] if inside else after[0] if after else "head"
+        inside = next((label for label, name, _ in found if owner == name or owner.startswith(name + ".")), None)
+        out[n] = inside or next((label for label, _, k in found if k > order[owner]), "head")
     return out
 
 

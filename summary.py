@@ -239,8 +239,8 @@ def effects_markdown(effects):
 def method_table(table, effects):
     """Markdown: a row per method, per forget set the Avg. Gap without and with the mask (mean ±
     std) and masked − unmasked with its interval and verdict; the do-nothing row first. None
-    without masked/unmasked pairs."""
-    if not effects:
+    with fewer than two masked experiments (effects_markdown's table already says it all)."""
+    if len({x["masked"] for x in effects}) < 2:
         return None
     rows = {r["experiment"]: r for r in table}
     specs = list(dict.fromkeys(rows[x["unmasked"]]["forget"] for x in effects))
@@ -435,7 +435,7 @@ def write_summary(run_dir, table, results=(), effects=()):
                              for k in COLUMNS] for row in table])
     line = do_nothing_line(table)
     effect_md = effects_markdown(effects)
-    methods_md = method_table(table, effects) if len({x["masked"] for x in effects}) > 1 else None
+    methods_md = method_table(table, effects)
     probed_md = representation_markdown(table)
     if effects:
         atomic_write_text(run_dir / "mask_effect.csv", effects_csv(effects))

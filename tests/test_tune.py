@@ -3,6 +3,7 @@ a tuning that resumes to the same trials, bad input refused before any compute, 
 verdicts main.py's summary now states over runs."""
 import json
 import math
+import re
 from unittest import mock
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import metrics
 import summary
 import tuning
-from conftest import run_here
+from conftest import ROOT, run_here
 from experiments import Experiment, resolve
 from methods import METHODS
 
@@ -327,13 +328,10 @@ def test_the_fmnist_study_list_on_digits(ckpts, more_golds, tmp_path):
     """make study-fmnist's list with the suite's digits checkpoints in place of Fashion-MNIST's:
     all 60 experiments and their searches resolve; four of them (a method with and without the
     mask, on class 0 and on a random 10%) tune for one trial and report with the representations."""
-    import re
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    recipe = re.search(r"^study-fmnist:.*\n(\t.*\n)+", (root / "Makefile").read_text(), re.M).group(0)
+    recipe = re.search(r"^study-fmnist:.*\n(\t.*\n)+", (ROOT / "Makefile").read_text(), re.M).group(0)
     assert "exp/study_fmnist.json" in recipe and "--report 3 --representations" in recipe
     swap = {"base": str(ckpts["base"]), "cf0": str(ckpts["gold"]), "rf0.1": str(more_golds["rf"])}
-    entries = json.loads((root / "exp" / "study_fmnist.json").read_text())
+    entries = json.loads((ROOT / "exp" / "study_fmnist.json").read_text())
     for e in entries:
         for key in ("checkpoint", "retrained"):
             e[key] = swap[re.search(r"_(base|cf0|rf0\.1)\.pt$", e[key]).group(1)]
